@@ -1,0 +1,14 @@
+"""tierstore: storage-tiered vector search and LLM KV-cache storage.
+
+One hierarchy of storage tiers (GPU memory, CPU memory, local SSD, S3-compatible object
+storage) holds ANN posting lists, multi-tenant indices and chunk KV caches. See the
+README and ``docs/`` for the architecture.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .errors import *  # noqa: F401,F403  (the error tree is part of the public API)
+
+__version__ = "0.1.0"
+__all__ = ["errors", "__version__", *errors.__all__]

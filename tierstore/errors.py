@@ -1,0 +1,91 @@
+"""The tierstore exception hierarchy.
+
+Every error tierstore raises on purpose is a :class:`TierstoreError`. Leaves that
+correspond to a builtin also subclass it, so ``except KeyError`` or ``except
+ValueError`` keep working for callers who do not know tierstore::
+
+    TierstoreError
+    ├── InvalidArgument (ValueError)     bad input: values, shapes, options, ranges
+    │   ├── InvalidKey                   a key that no tier may store (``../x``, NUL, ...)
+    │   └── ConfigError                  a tier or store configured inconsistently
+    ├── InvalidType (TypeError)          an argument of the wrong type (``None`` value, ...)
+    ├── NotFound (KeyError)              the key / collection / object does not exist
+    ├── AlreadyExists                    ``mode="create"`` found the key already present
+    ├── CapacityError                    a value does not fit the tier's byte budget
+    ├── CorruptData                      a checksum or framing check failed: never data
+    ├── StoreClosed                      the tier or store was closed
+    └── TierUnavailable                  the backend failed (I/O, network, LMDB, S3, GPU)
+        └── TierTimeout                  ... by running past a configured deadline
+
+Backend exceptions (``lmdb.Error``, ``botocore`` errors, ``OSError``, torch's
+``RuntimeError``) are translated where tierstore calls the backend and chained with
+``raise ... from exc``, so the original is always in ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TierstoreError",
+    "InvalidArgument",
+    "InvalidKey",
+    "ConfigError",
+    "InvalidType",
+    "NotFound",
+    "AlreadyExists",
+    "CapacityError",
+    "CorruptData",
+    "StoreClosed",
+    "TierUnavailable",
+    "TierTimeout",
+]
+
+
+class TierstoreError(Exception):
+    """Base class of every error tierstore raises on purpose."""
+
+
+class InvalidArgument(TierstoreError, ValueError):
+    """An argument has an acceptable type but an unusable value."""
+
+
+class InvalidKey(InvalidArgument):
+    """A key breaks the key rules (see :func:`tierstore.tiers.validate_key`)."""
+
+
+class ConfigError(InvalidArgument):
+    """A tier, store or index was configured inconsistently."""
+
+
+class InvalidType(TierstoreError, TypeError):
+    """An argument has the wrong type."""
+
+
+class NotFound(TierstoreError, KeyError):
+    """The key (or named object) does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep messages readable
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(TierstoreError):
+    """A create-only write found the key already present."""
+
+
+class CapacityError(TierstoreError):
+    """A value does not fit in a tier's byte budget (even after eviction)."""
+
+
+class CorruptData(TierstoreError):
+    """Stored bytes failed a checksum or framing check; they are never returned as data."""
+
+
+class StoreClosed(TierstoreError):
+    """An operation was attempted on a closed tier or store."""
+
+
+class TierUnavailable(TierstoreError):
+    """The backend of a tier failed: disk, LMDB, network, S3 or GPU."""
+
+
+class TierTimeout(TierUnavailable):
+    """A backend call ran past its configured deadline."""

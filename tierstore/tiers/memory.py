@@ -1,0 +1,146 @@
+"""MemoryTier: values in process memory, under an optional byte budget."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from ..errors import AlreadyExists, CapacityError, ConfigError, NotFound, TierUnavailable
+from .base import BaseTier
+
+__all__ = ["MemoryTier"]
+
+
+class MemoryTier(BaseTier):
+    """Values held in this process's memory; lost on ``close()``.
+
+    ``capacity_bytes`` bounds the bytes held: a ``put`` that would pass it raises
+    :class:`CapacityError` (a :class:`~tierstore.tiers.TieredStore` evicts before it
+    gets there). ``get`` returns the stored ``bytes`` object itself, without a copy.
+
+    With ``pinned=True`` values are kept in page-locked torch buffers (torch with CUDA
+    required) and :meth:`get_tensor` hands them out for fast, asynchronous GPU upload;
+    ``get`` then copies into ``bytes``.
+    """
+
+    kind = "memory"
+    durable = False
+    _inline_async = True
+
+    def __init__(self, capacity_bytes: int | None = None, *, pinned: bool = False, name: str | None = None) -> None:
+        super().__init__(name=name, capacity_bytes=capacity_bytes)
+        self._values: dict[str, Any] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._torch = None
+        if pinned:
+            try:
+                import torch
+            except ImportError as exc:
+                raise ConfigError("pinned=True needs torch; install tierstore[kv] or use pinned=False") from exc
+            if not torch.cuda.is_available():
+                raise ConfigError("pinned=True needs a CUDA device (page-locked memory is a CUDA feature); "
+                                  "use pinned=False on this machine")
+            self._torch = torch
+        self.pinned = pinned
+
+    def _store_form(self, value: memoryview):
+        if self._torch is None:
+            return value.obj if type(value.obj) is bytes and value.nbytes == len(value.obj) else value.tobytes()
+        torch = self._torch
+        try:
+            buf = torch.empty(value.nbytes, dtype=torch.uint8, pin_memory=True)
+            if value.nbytes:
+                buf.numpy()[:] = memoryview(value)
+        except RuntimeError as exc:
+            raise TierUnavailable(f"could not allocate {value.nbytes} bytes of pinned memory: {exc}") from exc
+        return buf
+
+    def _as_bytes(self, stored) -> bytes:
+        return stored if type(stored) is bytes else stored.numpy().tobytes()
+
+    def _lookup(self, key: str):
+        try:
+            return self._values[key]
+        except KeyError:
+            raise NotFound(f"key {key!r} not found in memory tier {self.name!r}") from None
+
+    def _get(self, key: str) -> bytes:
+        return self._as_bytes(self._lookup(key))
+
+    def _get_range(self, key: str, start: int, end: int | None) -> bytes:
+        stored = self._lookup(key)
+        if type(stored) is bytes:
+            return stored[start:end]
+        return stored.numpy()[start:end].tobytes()
+
+    def _size(self, key: str) -> int:
+        stored = self._lookup(key)
+        return len(stored) if type(stored) is bytes else int(stored.numel())
+
+    def _put(self, key: str, value: memoryview, create: bool) -> None:
+        size = value.nbytes
+        if self.capacity_bytes is not None and size > self.capacity_bytes:
+            raise CapacityError(f"value of {size} bytes is larger than memory tier {self.name!r}'s "
+                                f"capacity of {self.capacity_bytes} bytes; raise capacity_bytes")
+        stored = self._store_form(value)
+        with self._lock:
+            old = self._values.get(key)
+            if old is not None and create:
+                raise AlreadyExists(f"key {key!r} already exists in memory tier {self.name!r}")
+            old_size = 0 if old is None else self._size_of(old)
+            if self.capacity_bytes is not None and self._bytes - old_size + size > self.capacity_bytes:
+                raise CapacityError(f"memory tier {self.name!r} is full ({self._bytes} of {self.capacity_bytes} "
+                                    f"bytes used); cannot add {size} bytes: delete values or raise capacity_bytes")
+            self._values[key] = stored
+            self._bytes += size - old_size
+
+    @staticmethod
+    def _size_of(stored) -> int:
+        return len(stored) if type(stored) is bytes else int(stored.numel())
+
+    def _delete(self, key: str) -> bool:
+        with self._lock:
+            old = self._values.pop(key, None)
+            if old is None:
+                return False
+            self._bytes -= self._size_of(old)
+            return True
+
+    def _contains(self, key: str) -> bool:
+        return key in self._values
+
+    def _list(self, prefix: str):
+        with self._lock:
+            keys = list(self._values)
+        return [k for k in keys if k.startswith(prefix)]
+
+    def _close(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self._bytes = 0
+
+    def _extra_stats(self) -> dict:
+        return {"items": len(self._values), "bytes_stored": self._bytes, "extra": {"pinned": self.pinned}}
+
+    def get_tensor(self, key: str):
+        """Return the pinned torch buffer of ``key`` (only with ``pinned=True``); no copy."""
+        if self._torch is None:
+            raise ConfigError("get_tensor needs a MemoryTier created with pinned=True")
+        self._check_open()
+        stored = self._lookup(key)
+        self._stats.record_get(True, int(stored.numel()))
+        return stored
+
+    @property
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def __reduce__(self):
+        # A volatile tier pickles as its configuration: the copy arrives empty, which is
+        # what a cache sent to another process should be.
+        return (_rebuild_memory_tier, (self.capacity_bytes, self.pinned, self.name))
+
+
+def _rebuild_memory_tier(capacity_bytes, pinned, name):
+    return MemoryTier(capacity_bytes, pinned=pinned, name=name)
