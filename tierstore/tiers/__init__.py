@@ -30,7 +30,8 @@ from .stats import TierStats
 __all__ = [
     "BaseTier", "TierStats", "MAX_KEY_BYTES", "validate_key", "validate_prefix",
     "MemoryTier", "GpuTier", "LmdbTier", "FileTier", "S3Tier", "TieredStore",
-    "LRUPolicy", "LFUPolicy", "CostAwarePolicy",
+    "LRUPolicy", "LFUPolicy", "CostAwarePolicy", "EvictionPolicy", "make_policy", "POLICY_NAMES",
+    "HierarchyStats",
 ]
 
 _LAZY = {
@@ -43,6 +44,10 @@ _LAZY = {
     "LRUPolicy": ".policy",
     "LFUPolicy": ".policy",
     "CostAwarePolicy": ".policy",
+    "EvictionPolicy": ".policy",
+    "make_policy": ".policy",
+    "POLICY_NAMES": ".policy",
+    "HierarchyStats": ".hierarchy",
 }
 
 
