@@ -14,6 +14,7 @@ and may end with ``/``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ..errors import InvalidKey, InvalidType
@@ -56,6 +57,17 @@ def _check_text(key: object, what: str) -> str:
 
 def validate_key(key: object) -> str:
     """Return ``key`` if every tier can store it, else raise :class:`InvalidKey`/:class:`InvalidType`."""
+    if type(key) is str:
+        return _validated_key(key)  # memoised: hot keys are checked once
+    if isinstance(key, str):  # a str subclass: check it uncached, return a plain str
+        return _validated_key.__wrapped__(str(key))
+    raise InvalidType(f"key must be a str, got {type(key).__name__}")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _validated_key(key: str) -> str:
+    # A pure function of its argument, so memoising it is safe; only valid keys are
+    # cached (an exception is never cached).
     text = _check_text(key, "key")
     if text == "":
         raise InvalidKey("key is empty; give a non-empty name such as 'docs/list/0001'")
