@@ -76,3 +76,17 @@ class TestTieredStore(TierConformance):
                 write_policy=request.param)
 
         return make
+
+
+@pytest.mark.gpu
+class TestPinnedMemoryTier(TierConformance):
+    """MemoryTier holding page-locked buffers (needs CUDA; runs on the GPU machine)."""
+
+    @pytest.fixture
+    def make_tier(self):
+        torch = pytest.importorskip("torch")
+        if not torch.cuda.is_available():
+            pytest.skip("pinned memory needs CUDA")
+        from tierstore.tiers import MemoryTier
+
+        return lambda: MemoryTier(pinned=True)
