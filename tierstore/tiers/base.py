@@ -179,30 +179,28 @@ class BaseTier(abc.ABC):
         if self._closed:
             raise StoreClosed(f"{self.kind} tier {self.name!r} is closed")
 
+    def _counted_read(self, read, size=len):
+        """Run ``read()`` and count it as one lookup: a hit of ``size(value)`` bytes, or a miss."""
+        try:
+            value = read()
+        except NotFound:
+            self._stats.record_get(False)
+            raise
+        self._stats.record_get(True, size(value))
+        return value
+
     def get(self, key: str) -> bytes:
         """Return the value of ``key``; raise :class:`NotFound` when it is absent."""
         key = validate_key(key)
         self._check_open()
-        try:
-            value = self._get(key)
-        except NotFound:
-            self._stats.record_get(False)
-            raise
-        self._stats.record_get(True, len(value))
-        return value
+        return self._counted_read(lambda: self._get(key))
 
     def get_range(self, key: str, start: int, end: int | None = None) -> bytes:
         """Return bytes ``[start, end)`` of the value, clipped to its length like a slice."""
         key = validate_key(key)
         start, end = check_range(start, end)
         self._check_open()
-        try:
-            value = self._get_range(key, start, end)
-        except NotFound:
-            self._stats.record_get(False)
-            raise
-        self._stats.record_get(True, len(value))
-        return value
+        return self._counted_read(lambda: self._get_range(key, start, end))
 
     def put(self, key: str, value: object, *, mode: str = "overwrite") -> None:
         """Store ``value`` under ``key`` atomically (readers see the old or the new value).

@@ -240,13 +240,7 @@ class GpuTier(BaseTier):
         """
         key = validate_key(key)
         self._check_open()
-        try:
-            stored = self._lookup(key)
-        except NotFound:
-            self._stats.record_get(False)
-            raise
-        self._stats.record_get(True, int(stored.numel()))
-        return stored
+        return self._counted_read(lambda: self._lookup(key), size=lambda t: int(t.numel()))
 
     def put_tensor(self, key: str, tensor: Any, *, mode: str = "overwrite") -> None:
         """Store the raw bytes of ``tensor`` (any dtype, shape and device) under ``key``.

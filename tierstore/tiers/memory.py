@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import AlreadyExists, CapacityError, ConfigError, NotFound, TierUnavailable
 from .base import BaseTier
+from .keys import validate_key
 
 __all__ = ["MemoryTier"]
 
@@ -127,10 +128,9 @@ class MemoryTier(BaseTier):
         """Return the pinned torch buffer of ``key`` (only with ``pinned=True``); no copy."""
         if self._torch is None:
             raise ConfigError("get_tensor needs a MemoryTier created with pinned=True")
+        key = validate_key(key)
         self._check_open()
-        stored = self._lookup(key)
-        self._stats.record_get(True, int(stored.numel()))
-        return stored
+        return self._counted_read(lambda: self._lookup(key), size=lambda t: int(t.numel()))
 
     @property
     def bytes_used(self) -> int:
