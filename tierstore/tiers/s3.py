@@ -11,94 +11,34 @@ arrives truncated is read again and never returned as data.
 from __future__ import annotations
 
 import functools
-import io
 import os
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import (BotoCoreError, ClientError, ConnectTimeoutError, EndpointConnectionError,
-                                 FlexibleChecksumError, IncompleteReadError, NoCredentialsError,
-                                 ParamValidationError, PartialCredentialsError, ReadTimeoutError,
+from botocore.exceptions import (BotoCoreError, ClientError, FlexibleChecksumError, IncompleteReadError,
                                  ResponseStreamingError)
 
-from ..errors import (AlreadyExists, ConfigError, CorruptData, InvalidArgument, InvalidKey, NotFound,
-                      StoreClosed, TierTimeout, TierUnavailable)
+from ..errors import AlreadyExists, ConfigError, InvalidArgument, NotFound, TierUnavailable
+from ._s3_errors import BadBody, ErrorTranslator, NoConditionalWrites, Replaced, Unsatisfiable
+from ._s3_transfer import MIN_PART_SIZE, ViewReader, cancel, content_range, gather, submit, upload_multipart
 from .base import BaseTier
 from .keys import validate_key
 
 __all__ = ["S3Tier"]
 
 MiB = 1024 * 1024
-_MIN_PART_SIZE = 5 * MiB  # S3 refuses smaller multipart parts (except the last one)
-_MAX_PARTS = 10_000
 _READ_ATTEMPTS = 3  # reads of a truncated body, or restarts of a read whose object was replaced
 _RETRY_MODES = ("legacy", "standard", "adaptive")
 _CONDITIONAL_MODES = ("auto", "native", "emulated")
-_DENIED = frozenset({"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                     "InvalidToken", "AllAccessDisabled"})
-
-
-class _Unsatisfiable(Exception):
-    """416: the range starts at or past the end of the object (or the object is empty)."""
-
-
-class _BadBody(Exception):
-    """A body shorter or longer than announced, cut off, or failing its checksum."""
-
-
-class _Replaced(Exception):
-    """412 to If-Match: the object was overwritten between the parts of one read."""
-
-
-class _NoConditionalWrites(Exception):
-    """501 to If-None-Match: the server does not implement conditional writes."""
-
-
-class _ViewReader(io.BufferedIOBase):
-    """A seekable file over a memoryview: botocore sends (and re-sends on retry) a slice
-    of the caller's buffer without a copy of the whole value."""
-
-    def __init__(self, view: memoryview) -> None:
-        super().__init__()
-        self._view, self._pos = view, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        stop = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
-        chunk = self._view[self._pos:stop].tobytes()
-        self._pos = max(self._pos, stop)
-        return chunk
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
 
 
 def _check_number(name: str, value: object, minimum: float, *, integer: bool = True) -> None:
     kinds = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
         raise ConfigError(f"{name} must be {'an int' if integer else 'a number'} >= {minimum}, got {value!r}")
-
-
-def _content_range(header: str | None) -> tuple[int, int, int] | None:
-    """``'bytes 0-99/1234'`` -> ``(0, 99, 1234)``; None when the server sent the whole object."""
-    if not header:
-        return None
-    span, _, total = header.partition(" ")[2].partition("/")
-    first, _, last = span.partition("-")
-    return int(first), int(last), int(total)
 
 
 def _reopen(kwargs: dict) -> "S3Tier":
@@ -156,7 +96,7 @@ class S3Tier(BaseTier):
             raise ConfigError(f"prefix must be a str, got {type(prefix).__name__}")
         _check_number("max_concurrency", max_concurrency, 1)
         _check_number("multipart_threshold", multipart_threshold, 1)
-        _check_number("part_size", part_size, _MIN_PART_SIZE)
+        _check_number("part_size", part_size, MIN_PART_SIZE)
         _check_number("max_attempts", max_attempts, 1)
         _check_number("connect_timeout", connect_timeout, 0.001, integer=False)
         _check_number("read_timeout", read_timeout, 0.001, integer=False)
@@ -182,6 +122,9 @@ class S3Tier(BaseTier):
                                max_attempts=max_attempts, retry_mode=retry_mode,
                                conditional_writes=conditional_writes, check_bucket=False)
         self._root = prefix + "/" if prefix else ""
+        self._errors = ErrorTranslator(tier_name=self.name, bucket=bucket, root=self._root, endpoint_url=endpoint_url,
+                                       max_attempts=max_attempts, connect_timeout=connect_timeout,
+                                       read_timeout=read_timeout)
         self._conditional = conditional_writes  # becomes "emulated" when "auto" meets a 501
         self._lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -246,47 +189,19 @@ class S3Tier(BaseTier):
             return pool
 
     def _submit(self, which: str, calls: list) -> list:
-        """Start zero-argument calls on pool ``which``; :meth:`_gather` collects them.
+        """Start zero-argument calls on pool ``which``; :func:`gather` collects them.
 
         Separate pools per level ("keys" runs whole-key calls that submit to "parts";
         "parts" never submits) keep a full pool from waiting on itself.
         """
-        pool, futures = self._workers(which), []
-        try:
-            futures.extend(pool.submit(call) for call in calls)
-        except RuntimeError as exc:  # close() shut the pool down under us
-            self._cancel(futures)
-            raise StoreClosed(f"S3 tier {self.name!r} was closed during the operation") from exc
-        return futures
-
-    @staticmethod
-    def _cancel(futures: list) -> None:
-        for future in futures:
-            future.cancel()
-        wait(futures)  # what had started has finished: nothing runs on behind the caller
-
-    def _gather(self, futures: list) -> list:
-        """Results in order; on an error cancel what has not started, wait, raise the first."""
-        try:
-            wait(futures, return_when=FIRST_EXCEPTION)
-        finally:  # also on KeyboardInterrupt: nothing may run on behind the caller
-            self._cancel([f for f in futures if not f.done()])
-        errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
-        if errors:
-            raise errors[0]
-        if any(f.cancelled() for f in futures):
-            raise StoreClosed(f"S3 tier {self.name!r} was closed during the operation")
-        return [f.result() for f in futures]
+        return submit(self._workers(which), calls, self.name)
 
     def _parallel(self, which: str, calls: list) -> list:
         if len(calls) == 1:
             return [calls[0]()]
-        return self._gather(self._submit(which, calls)) if calls else []
+        return gather(self._submit(which, calls), self.name) if calls else []
 
     # ----------------------------------------------------------------- requests
-    def _where(self, key: str | None) -> str:
-        return f"s3://{self.bucket}/{self._root}{key}" if key is not None else f"bucket {self.bucket!r}"
-
     def _call(self, op: str, key: str | None = None, **params):
         """One boto3 call on this tier's bucket (and ``key``), its errors translated."""
         if key is not None:
@@ -297,50 +212,7 @@ class S3Tier(BaseTier):
             raise self._translate(exc, op, key, params) from exc
 
     def _translate(self, exc: Exception, op: str, key: str | None, params: dict) -> Exception:
-        where, endpoint = self._where(key), self.endpoint_url or "AWS S3"
-        if isinstance(exc, ClientError):
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", ""))
-            message = error.get("Message") or code
-            if code == "NoSuchBucket" or (key is None and code in ("404", "NotFound")):
-                return ConfigError(f"bucket {self.bucket!r} does not exist at {endpoint}; create it "
-                                   f"(aws s3 mb s3://{self.bucket}) or fix bucket / endpoint_url")
-            if code in ("NoSuchKey", "404", "NotFound"):
-                return NotFound(f"key {key!r} not found in S3 tier {self.name!r} ({where})")
-            if code == "InvalidRange":
-                return _Unsatisfiable()
-            if code in ("PreconditionFailed", "412"):
-                if "IfMatch" in params:
-                    return _Replaced()
-                return self._exists(key)
-            if code == "NotImplemented" and "IfNoneMatch" in params:
-                return _NoConditionalWrites(message)
-            if code == "ConditionalRequestConflict":
-                return TierUnavailable(f"a concurrent write to {where} conflicted with this one (409); retry the put")
-            if code in _DENIED:
-                return TierUnavailable(f"S3 denied {op} on {where} at {endpoint} ({code}: {message}); check the "
-                                       "credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE) and that they grant it")
-            if code == "KeyTooLongError":
-                return InvalidKey(f"{where} is longer than S3's 1024-byte key limit; use a shorter prefix or key")
-            if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed"):
-                region = self._client().meta.region_name
-                return TierUnavailable(f"bucket {self.bucket!r} is not in region {region!r} ({code}); "
-                                       "pass its region as region_name")
-            return TierUnavailable(f"S3 {op} on {where} failed ({code}: {message}) after up to "
-                                   f"{self.max_attempts} attempts")
-        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
-            return TierTimeout(f"S3 {op} on {where} timed out at {endpoint} (connect_timeout={self.connect_timeout}s, "
-                               f"read_timeout={self.read_timeout}s); check that the endpoint is reachable, "
-                               "or raise the timeouts")
-        if isinstance(exc, EndpointConnectionError):
-            return TierUnavailable(f"cannot connect to S3 endpoint {endpoint} for {op} on {where}; check "
-                                   "endpoint_url and that the server is running")
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return TierUnavailable(f"no usable AWS credentials for {op} on {where}: set AWS_ACCESS_KEY_ID and "
-                                   "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
-        if isinstance(exc, ParamValidationError):
-            return ConfigError(f"boto3 rejected the parameters of {op} on {where}: {exc}")
-        return TierUnavailable(f"S3 {op} on {where} failed: {exc}")
+        return self._errors.translate(exc, op, key, params, region=lambda: self._client().meta.region_name)
 
     # --------------------------------------------------------------------- reads
     def _get_object(self, key: str, start: int, stop: int | None, etag: str | None = None):
@@ -349,45 +221,40 @@ class S3Tier(BaseTier):
         return self._call("get_object", key, **params, **({"IfMatch": etag} if etag else {}))
 
     def _body(self, key: str, response) -> bytes:
-        """Read a response body whole; raise :class:`_BadBody` unless it has the announced length."""
-        span = _content_range(response.get("ContentRange"))
+        """Read a response body whole; raise :class:`BadBody` unless it has the announced length."""
+        span = content_range(response.get("ContentRange"))
         expected = response["ContentLength"] if span is None else span[1] - span[0] + 1
         body = response["Body"]
         try:
             data = body.read()  # botocore also checks the length against Content-Length
         except (IncompleteReadError, ResponseStreamingError, FlexibleChecksumError) as exc:
-            raise _BadBody(f"{type(exc).__name__}: {exc}") from exc
+            raise BadBody(f"{type(exc).__name__}: {exc}") from exc
         except BotoCoreError as exc:
             raise self._translate(exc, "get_object", key, {}) from exc
         finally:
             body.close()
         if len(data) != expected:
-            raise _BadBody(f"received {len(data)} bytes where {expected} were announced")
+            raise BadBody(f"received {len(data)} bytes where {expected} were announced")
         return data
-
-    def _bad_body(self, key: str, failure: _BadBody) -> Exception:
-        error = CorruptData if isinstance(failure.__cause__, FlexibleChecksumError) else TierUnavailable
-        return error(f"S3 sent a bad body for {self._where(key)} {_READ_ATTEMPTS} times ({failure}); "
-                     "check the endpoint or any proxy in front of it")
 
     def _fetch(self, key: str, start: int, end: int | None) -> bytes:
         """Bytes ``[start, end)``; a bad first body or a replaced object restarts the read."""
         for _ in range(_READ_ATTEMPTS):
             try:
                 return self._fetch_version(key, start, end)
-            except _BadBody as exc:
+            except BadBody as exc:
                 failure: Exception = exc
-            except _Replaced as exc:
+            except Replaced as exc:
                 failure = exc
-        if isinstance(failure, _BadBody):
-            raise self._bad_body(key, failure) from failure
-        raise TierUnavailable(f"{self._where(key)} was overwritten during each of {_READ_ATTEMPTS} reads; retry "
-                              "later, or raise part_size so that it is read in fewer requests") from failure
+        if isinstance(failure, BadBody):
+            raise self._errors.bad_body(key, failure, _READ_ATTEMPTS) from failure
+        raise TierUnavailable(f"{self._errors.where(key)} was overwritten during each of {_READ_ATTEMPTS} reads; "
+                              "retry later, or raise part_size so that it is read in fewer requests") from failure
 
     def _fetch_version(self, key: str, start: int, end: int | None) -> bytes:
         first_stop = start + self.part_size if end is None else min(end, start + self.part_size)
         response = self._get_object(key, start, first_stop)
-        span = _content_range(response.get("ContentRange"))
+        span = content_range(response.get("ContentRange"))
         if span is None:  # the server ignored Range and sent the whole object
             return self._body(key, response)[start:end]
         stop = span[2] if end is None else min(end, span[2])
@@ -400,24 +267,24 @@ class S3Tier(BaseTier):
         try:
             first = self._body(key, response)
         except BaseException:
-            self._cancel(futures)
+            cancel(futures)
             raise
-        return b"".join([first, *self._gather(futures)]) if futures else first
+        return b"".join([first, *gather(futures, self.name)]) if futures else first
 
     def _read_part(self, key: str, start: int, stop: int, etag: str | None) -> bytes:
         for _ in range(_READ_ATTEMPTS):
             try:
                 return self._body(key, self._get_object(key, start, stop, etag))
-            except _BadBody as exc:
+            except BadBody as exc:
                 failure = exc
-            except (_Unsatisfiable, NotFound) as exc:  # the object shrank or vanished: another version
-                raise _Replaced() from exc
-        raise self._bad_body(key, failure) from failure
+            except (Unsatisfiable, NotFound) as exc:  # the object shrank or vanished: another version
+                raise Replaced() from exc
+        raise self._errors.bad_body(key, failure, _READ_ATTEMPTS) from failure
 
     def _get(self, key: str) -> bytes:
         try:
             return self._fetch(key, 0, None)
-        except _Unsatisfiable:  # S3 answers a range on an empty object with 416
+        except Unsatisfiable:  # S3 answers a range on an empty object with 416
             return b""
 
     def _get_range(self, key: str, start: int, end: int | None) -> bytes:
@@ -426,7 +293,7 @@ class S3Tier(BaseTier):
             return b""
         try:
             return self._fetch(key, start, end)
-        except _Unsatisfiable:  # starts at or past the end: an empty slice
+        except Unsatisfiable:  # starts at or past the end: an empty slice
             return b""
 
     def _get_or_none(self, key: str) -> bytes | None:
@@ -459,24 +326,20 @@ class S3Tier(BaseTier):
         return keys
 
     # -------------------------------------------------------------------- writes
-    def _exists(self, key: str) -> AlreadyExists:
-        return AlreadyExists(f"key {key!r} already exists in S3 tier {self.name!r} ({self._where(key)}); "
-                             "mode='create' left it unchanged")
-
     def _put(self, key: str, value: memoryview, create: bool) -> None:
         native = create and self._conditional != "emulated"
         multipart = value.nbytes > self.multipart_threshold
         # Emulated create checks first (not race-free); native multipart checks first only
         # to skip uploading a value that the final If-None-Match would refuse anyway.
         if create and (not native or multipart) and self._contains(key):
-            raise self._exists(key)
+            raise self._errors.already_exists(key)
         try:
             if multipart:
                 self._put_multipart(key, value, native)
             else:
-                body = value.obj if type(value.obj) is bytes and value.nbytes == len(value.obj) else _ViewReader(value)
+                body = value.obj if type(value.obj) is bytes and value.nbytes == len(value.obj) else ViewReader(value)
                 self._call("put_object", key, Body=body, **({"IfNoneMatch": "*"} if native else {}))
-        except _NoConditionalWrites as exc:
+        except NoConditionalWrites as exc:
             if self._conditional == "native":
                 raise ConfigError(f"the S3 endpoint {self.endpoint_url or 'AWS S3'} does not implement conditional "
                                   "writes (If-None-Match); use conditional_writes='emulated' (not race-free) or "
@@ -485,32 +348,11 @@ class S3Tier(BaseTier):
             self._put(key, value, create)
 
     def _put_multipart(self, key: str, value: memoryview, native: bool) -> None:
-        size = value.nbytes
-        part_size = max(self.part_size, -(-size // _MAX_PARTS))
         # As s3transfer does: CRC32 per part when botocore computes checksums by default.
         when = getattr(self._client().meta.config, "request_checksum_calculation", None)
-        checksum = {"ChecksumAlgorithm": "CRC32"} if when == "when_supported" else {}
-        upload_id = self._call("create_multipart_upload", key, **checksum)["UploadId"]
-        try:
-            calls = [functools.partial(self._put_part, key, upload_id, number, value[lo:lo + part_size], checksum)
-                     for number, lo in enumerate(range(0, size, part_size), start=1)]
-            parts = self._parallel("parts", calls)
-            self._call("complete_multipart_upload", key, UploadId=upload_id, MultipartUpload={"Parts": parts},
-                       **({"IfNoneMatch": "*"} if native else {}))
-        except BaseException:
-            try:  # every part has finished or was cancelled, so the abort removes them all
-                self._call("abort_multipart_upload", key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - the original error matters more than the cleanup's
-                pass
-            raise
-
-    def _put_part(self, key: str, upload_id: str, number: int, view: memoryview, checksum: dict) -> dict:
-        response = self._call("upload_part", key, UploadId=upload_id, PartNumber=number,
-                              Body=_ViewReader(view), **checksum)
-        part = {"ETag": response["ETag"], "PartNumber": number}
-        if checksum and "ChecksumCRC32" in response:
-            part["ChecksumCRC32"] = response["ChecksumCRC32"]
-        return part
+        upload_multipart(self._call, functools.partial(self._parallel, "parts"), key, value, part_size=self.part_size,
+                         checksum={"ChecksumAlgorithm": "CRC32"} if when == "when_supported" else {},
+                         if_none_match=native)
 
     def _put_or_conflict(self, key: str, value: memoryview, create: bool) -> str | None:
         try:
