@@ -8,7 +8,8 @@ README and ``docs/`` for the architecture.
 from __future__ import annotations
 
 from . import errors
-from .errors import *  # noqa: F401,F403  (the error tree is part of the public API)
+from .errors import (AlreadyExists, CapacityError, ConfigError, CorruptData, InvalidArgument, InvalidKey,
+                     InvalidType, NotFound, StoreClosed, TierstoreError, TierTimeout, TierUnavailable)
 
 __version__ = "0.1.0"
 __all__ = ["errors", "__version__", *errors.__all__]

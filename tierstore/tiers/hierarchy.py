@@ -41,10 +41,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AlreadyExists, CapacityError, ConfigError, InvalidArgument, InvalidType, NotFound
+from ..errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound
 from .base import BaseTier, validate_key
-from .policy import make_policy
-from .stats import StatsCounter, TierStats
+from ._levels import LevelStack
+from .stats import TierStats
 
 __all__ = ["TieredStore", "HierarchyStats", "WRITE_POLICIES"]
 
@@ -59,28 +59,6 @@ class HierarchyStats(TierStats):
     levels: tuple[TierStats, ...] = ()
     dirty: int = 0
     pinned: int = 0
-
-
-class _Level:
-    """One tier in the stack and the store's bookkeeping for it."""
-
-    __slots__ = ("tier", "budget", "policy", "resident", "bytes_used", "stats")
-
-    def __init__(self, tier: BaseTier, budget: int | None, policy) -> None:
-        self.tier = tier
-        self.budget = budget
-        self.policy = policy
-        self.resident: dict[str, int] | None = {} if budget is not None else None
-        self.bytes_used = 0
-        self.stats = StatsCounter()
-
-    @property
-    def tracked(self) -> bool:
-        return self.resident is not None
-
-    def may_hold(self, key: str) -> bool:
-        """False only when the level certainly lacks ``key`` (tracked levels know)."""
-        return self.resident is None or key in self.resident
 
 
 class TieredStore(BaseTier):
@@ -127,43 +105,25 @@ class TieredStore(BaseTier):
         self.write_policy = write_policy
         self.promote = bool(promote)
         self._policy_spec = policy
-        self._levels = [_Level(t, b, make_policy(policy) if b is not None else None) for t, b in zip(tiers, budgets)]
-        self._bottom = len(self._levels) - 1
+        self._stack = LevelStack(tiers, budgets, policy)
         self._lock = threading.RLock()
         self._key_locks = [threading.Lock() for _ in range(_STRIPES)]
         self._generations = [0] * _STRIPES
-        self._dirty: set[str] = set()
-        self._pins: dict[str, int] = {}
-        self._costs: dict[str, float] = {}
         self._cost_local = threading.local()
-        for level in self._levels:
-            if level.tracked:
-                self._scan(level)
-
-    def _scan(self, level: _Level) -> None:
-        """Adopt what a tracked level already holds (a persistent cache reopened)."""
-        for key in level.tier.list(""):
-            try:
-                size = level.tier.size(key)
-            except NotFound:
-                continue
-            level.resident[key] = size
-            level.bytes_used += size
-            level.policy.record_insert(key, size, 1.0)
 
     def __reduce__(self):
         # The copy reopens the same tiers (volatile ones arrive empty), so dirty values are
         # written down first: the copy then sees every acknowledged write.
         if not self._closed:
             self._flush()
-        tiers = [level.tier for level in self._levels]
-        budgets = [level.budget for level in self._levels]
+        tiers = [level.tier for level in self._stack.levels]
+        budgets = [level.budget for level in self._stack.levels]
         return (_rebuild, (tiers, {"write_policy": self.write_policy, "budgets": budgets,
                                    "policy": self._policy_spec, "promote": self.promote, "name": self.name}))
 
     @property
     def tiers(self) -> list[BaseTier]:
-        return [level.tier for level in self._levels]
+        return [level.tier for level in self._stack.levels]
 
     # ------------------------------------------------------------ small helpers
     @staticmethod
@@ -173,119 +133,10 @@ class TieredStore(BaseTier):
     def _bump(self, key: str) -> None:
         self._generations[self._stripe(key)] += 1
 
-    def _cost_of(self, key: str) -> float:
-        return self._costs.get(key, 1.0)
-
-    def _pinned_skip(self, protect: str):
-        if not self._pins:
-            return (protect,)
-        skip = set(self._pins)
-        skip.add(protect)
-        return skip
-
-    # ------------------------------------------------------------ placement (under self._lock)
-    def _store_at(self, index: int, key: str, value, reason: str, *, required: bool = False) -> bool:
-        """Write ``value`` into level ``index``, evicting as needed. False if it does not fit."""
-        level = self._levels[index]
-        size = len(value) if not isinstance(value, memoryview) else value.nbytes
-        if level.tracked:
-            if size > level.budget:
-                if required:
-                    raise CapacityError(f"a value of {size} bytes is larger than the budget of level {index} "
-                                        f"({level.tier.name}: {level.budget} bytes)")
-                return False
-            try:
-                self._make_room(index, size, key)
-            except CapacityError:
-                if required:
-                    raise
-                return False
-        try:
-            level.tier.put(key, value)
-        except CapacityError:
-            if required:
-                raise
-            return False
-        level.stats.record_put(size)
-        if reason != "put":
-            level.stats.add(reason)
-        if level.tracked:
-            old = level.resident.get(key)
-            level.resident[key] = size
-            level.bytes_used += size - (old or 0)
-            level.policy.record_insert(key, size, self._cost_of(key))
-        return True
-
-    def _make_room(self, index: int, size: int, protect: str) -> None:
-        level = self._levels[index]
-        while level.bytes_used - level.resident.get(protect, 0) + size > level.budget:
-            victim = level.policy.choose_victim(self._pinned_skip(protect))
-            if victim is None:
-                raise CapacityError(f"level {index} ({level.tier.name}) cannot make room for {size} bytes: "
-                                    f"{level.bytes_used} of {level.budget} bytes are pinned or in use")
-            self._evict(index, victim)
-
-    def _evict(self, index: int, key: str) -> None:
-        level = self._levels[index]
-        if index < self._bottom:
-            self._demote(index, key)
-        elif level.tier.durable:  # unreachable by construction; kept as a guard on the invariant
-            raise CapacityError("refusing to evict the last durable copy of " + repr(key))
-        level.tier.delete(key)
-        level.bytes_used -= level.resident.pop(key, 0)
-        level.policy.record_evict(key)
-        level.stats.add("evictions")
-
-    def _demote(self, index: int, key: str) -> None:
-        """Make sure a current copy of ``key`` exists below level ``index`` before it leaves.
-
-        Every copy in a cache level is current (a put invalidates the others), so only the
-        bottom can hold a stale value, and only while the key is dirty.
-        """
-        value = None
-        for below in range(index + 1, self._bottom + 1):
-            target = self._levels[below]
-            if target.tracked:
-                has_copy = key in target.resident
-            elif below == self._bottom:
-                has_copy = key not in self._dirty
-            else:
-                has_copy = target.tier.contains(key)
-            if has_copy:
-                return
-            if value is None:
-                value = self._levels[index].tier.get(key)
-            required = below == self._bottom and target.tier.durable
-            if self._store_at(below, key, value, "demotions", required=required):
-                if below == self._bottom:
-                    self._dirty.discard(key)
-                return
-        # Only reachable when the bottom is a volatile cache that has no room: the value is dropped.
-
-    def _invalidate(self, key: str, levels: Iterable[int]) -> bool:
-        """Remove ``key`` from the given levels; return whether any held it."""
-        existed = False
-        for index in levels:
-            level = self._levels[index]
-            if level.tracked:
-                if key not in level.resident:
-                    continue
-                level.bytes_used -= level.resident.pop(key)
-                level.policy.record_remove(key)
-            existed = level.tier.delete(key) or existed
-        return existed
-
-    def _place_in_caches(self, key: str, value) -> bool:
-        """Put ``value`` in the highest cache level (above the bottom) it fits."""
-        for index in range(self._bottom):
-            if self._store_at(index, key, value, "put"):
-                return True
-        return False
-
     # ------------------------------------------------------------ primitives
     def _get(self, key: str) -> bytes:
         generation = self._generations[self._stripe(key)]
-        for index, level in enumerate(self._levels):
+        for index, level in enumerate(self._stack.levels):
             if not level.may_hold(key):
                 level.stats.record_get(False)
                 continue
@@ -300,18 +151,18 @@ class TieredStore(BaseTier):
         raise NotFound(f"key {key!r} not found in any tier of {self.name!r}")
 
     def _after_hit(self, index: int, key: str, value, generation: int) -> None:
-        level = self._levels[index]
+        level = self._stack.levels[index]
         if level.tracked or (self.promote and index > 0):
             with self._lock:
                 if level.tracked and key in level.resident:
                     level.policy.record_access(key)
                 if self.promote and index > 0 and self._generations[self._stripe(key)] == generation:
                     for above in range(index - 1, -1, -1):
-                        if not (self._levels[above].tracked and key in self._levels[above].resident):
-                            self._store_at(above, key, value, "promotions")
+                        if not (self._stack.levels[above].tracked and key in self._stack.levels[above].resident):
+                            self._stack.store_at(above, key, value, "promotions")
 
     def _get_range(self, key: str, start: int, end: int | None) -> bytes:
-        for level in self._levels:
+        for level in self._stack.levels:
             if not level.may_hold(key):
                 level.stats.record_get(False)
                 continue
@@ -328,7 +179,7 @@ class TieredStore(BaseTier):
         results: list[bytes | None] = [None] * len(keys)
         generations = [self._generations[self._stripe(k)] for k in keys]
         pending = list(range(len(keys)))
-        for index, level in enumerate(self._levels):
+        for index, level in enumerate(self._stack.levels):
             if not pending:
                 break
             asked = [i for i in pending if level.may_hold(keys[i])]
@@ -342,7 +193,7 @@ class TieredStore(BaseTier):
         return results
 
     def _size(self, key: str) -> int:
-        for level in self._levels:
+        for level in self._stack.levels:
             if level.tracked:
                 if key in level.resident:
                     return level.resident[key]
@@ -355,11 +206,11 @@ class TieredStore(BaseTier):
 
     def _contains(self, key: str) -> bool:
         return any(level.resident is not None and key in level.resident
-                   or level.resident is None and level.tier.contains(key) for level in self._levels)
+                   or level.resident is None and level.tier.contains(key) for level in self._stack.levels)
 
     def _list(self, prefix: str) -> Iterable[str]:
         keys: set[str] = set()
-        for level in self._levels:
+        for level in self._stack.levels:
             if level.tracked:
                 keys.update(k for k in list(level.resident) if k.startswith(prefix))
             else:
@@ -370,10 +221,10 @@ class TieredStore(BaseTier):
         self._put_one(key, value, create, self._take_cost())
 
     def _put_one(self, key: str, value: memoryview, create: bool, cost: float | None) -> None:
-        bottom = self._levels[self._bottom]
+        bottom = self._stack.levels[self._stack.bottom]
         with self._key_locks[self._stripe(key)]:
-            through = self.write_policy == "write-through" or create or self._bottom == 0
-            if create and key in self._dirty:  # exists only in a cache level so far
+            through = self.write_policy == "write-through" or create or self._stack.bottom == 0
+            if create and key in self._stack.dirty:  # exists only in a cache level so far
                 raise AlreadyExists(f"key {key!r} already exists in {self.name!r}")
             if through and not bottom.tracked:
                 # Durable write first, outside the store lock (it may be a slow S3 PUT).
@@ -382,34 +233,34 @@ class TieredStore(BaseTier):
             with self._lock:
                 self._bump(key)
                 if cost is None:
-                    self._costs.pop(key, None)
+                    self._stack.costs.pop(key, None)
                 else:
-                    self._costs[key] = cost
-                self._invalidate(key, range(self._bottom))
+                    self._stack.costs[key] = cost
+                self._stack.invalidate(key, range(self._stack.bottom))
                 if through:
-                    self._dirty.discard(key)
+                    self._stack.dirty.discard(key)
                     if bottom.tracked:
                         if create and key in bottom.resident:
                             raise AlreadyExists(f"key {key!r} already exists in {self.name!r}")
-                        self._store_at(self._bottom, key, value, "put", required=True)
-                    self._place_in_caches(key, value)
-                elif self._place_in_caches(key, value):
-                    self._dirty.add(key)
+                        self._stack.store_at(self._stack.bottom, key, value, "put", required=True)
+                    self._stack.place_in_caches(key, value)
+                elif self._stack.place_in_caches(key, value):
+                    self._stack.dirty.add(key)
                 else:  # fits no cache level: straight to the bottom
-                    self._dirty.discard(key)
-                    self._store_at(self._bottom, key, value, "put", required=True)
+                    self._stack.dirty.discard(key)
+                    self._stack.store_at(self._stack.bottom, key, value, "put", required=True)
 
     def _delete(self, key: str) -> bool:
-        bottom = self._levels[self._bottom]
+        bottom = self._stack.levels[self._stack.bottom]
         with self._key_locks[self._stripe(key)]:
             with self._lock:
                 self._bump(key)
-                self._dirty.discard(key)
-                self._costs.pop(key, None)
-                self._pins.pop(key, None)
-                existed = self._invalidate(key, range(self._bottom))
+                self._stack.dirty.discard(key)
+                self._stack.costs.pop(key, None)
+                self._stack.pins.pop(key, None)
+                existed = self._stack.invalidate(key, range(self._stack.bottom))
                 if bottom.tracked:
-                    return self._invalidate(key, [self._bottom]) or existed
+                    return self._stack.invalidate(key, [self._stack.bottom]) or existed
             return bottom.tier.delete(key) or existed
 
     # ------------------------------------------------------------ cost-aware puts
@@ -440,29 +291,29 @@ class TieredStore(BaseTier):
         """
         key = validate_key(key)
         self._check_open()
-        top = self._levels[0]
+        top = self._stack.levels[0]
         with self._lock:
             if not top.may_hold(key) or not top.tier.contains(key):
                 value = self._get(key)  # promotes when it can
                 if not top.tier.contains(key):
-                    self._store_at(0, key, value, "promotions", required=True)
-            self._pins[key] = self._pins.get(key, 0) + 1
+                    self._stack.store_at(0, key, value, "promotions", required=True)
+            self._stack.pins[key] = self._stack.pins.get(key, 0) + 1
 
     def unpin(self, key: str) -> None:
         """Undo one :meth:`pin`; raise :class:`InvalidArgument` if ``key`` is not pinned."""
         key = validate_key(key)
         with self._lock:
-            count = self._pins.get(key)
+            count = self._stack.pins.get(key)
             if count is None:
                 raise InvalidArgument(f"key {key!r} is not pinned")
             if count == 1:
-                del self._pins[key]
+                del self._stack.pins[key]
             else:
-                self._pins[key] = count - 1
+                self._stack.pins[key] = count - 1
 
     def pinned(self) -> list[str]:
         with self._lock:
-            return sorted(self._pins)
+            return sorted(self._stack.pins)
 
     def prefetch(self, keys: Iterable[str]) -> int:
         """Read ``keys`` through the hierarchy so they are promoted; return how many exist."""
@@ -479,13 +330,13 @@ class TieredStore(BaseTier):
 
     def _flush(self) -> int:
         with self._lock:
-            dirty = sorted(self._dirty)
+            dirty = sorted(self._stack.dirty)
             for key in dirty:
-                for level in self._levels[:-1]:
+                for level in self._stack.levels[:-1]:
                     if level.may_hold(key) and level.tier.contains(key):
-                        self._store_at(self._bottom, key, level.tier.get(key), "demotions", required=True)
+                        self._stack.store_at(self._stack.bottom, key, level.tier.get(key), "demotions", required=True)
                         break
-                self._dirty.discard(key)
+                self._stack.dirty.discard(key)
             return len(dirty)
 
     async def flush_async(self) -> int:
@@ -495,14 +346,14 @@ class TieredStore(BaseTier):
         try:
             self._flush()
         finally:
-            for level in self._levels:
+            for level in self._stack.levels:
                 level.tier.close()
 
     # ------------------------------------------------------------ statistics
     def stats(self) -> HierarchyStats:
         base = super().stats()
         levels = []
-        for level in self._levels:
+        for level in self._stack.levels:
             own = level.tier.stats()
             counts = level.stats.snapshot(name=own.name, kind=own.kind, capacity_bytes=level.budget,
                                           items=len(level.resident) if level.tracked else own.items,
@@ -510,7 +361,7 @@ class TieredStore(BaseTier):
                                           extra={"tier": own.as_dict()})
             levels.append(counts)
         with self._lock:
-            dirty, pinned = len(self._dirty), len(self._pins)
+            dirty, pinned = len(self._stack.dirty), len(self._stack.pins)
         fields = base.as_dict()
         return HierarchyStats(**fields, levels=tuple(levels), dirty=dirty, pinned=pinned)
 
