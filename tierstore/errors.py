@@ -11,6 +11,8 @@ ValueError`` keep working for callers who do not know tierstore::
     ├── InvalidType (TypeError)          an argument of the wrong type (``None`` value, ...)
     ├── NotFound (KeyError)              the key / collection / object does not exist
     ├── AlreadyExists                    ``mode="create"`` found the key already present
+    │   ├── CommitConflict               another writer committed this manifest version first
+    │   └── WriterConflict               another writer is appending to this write-ahead log
     ├── CapacityError                    a value does not fit the tier's byte budget
     ├── CorruptData                      a checksum or framing check failed: never data
     ├── StoreClosed                      the tier or store was closed
@@ -32,6 +34,8 @@ __all__ = [
     "InvalidType",
     "NotFound",
     "AlreadyExists",
+    "CommitConflict",
+    "WriterConflict",
     "CapacityError",
     "CorruptData",
     "StoreClosed",
@@ -69,6 +73,24 @@ class NotFound(TierstoreError, KeyError):
 
 class AlreadyExists(TierstoreError):
     """A create-only write found the key already present."""
+
+
+class CommitConflict(AlreadyExists):
+    """Another writer committed this manifest version first; reload with ``latest()`` and retry.
+
+    Raised by :meth:`tierstore.store.ManifestLog.commit`; nothing of the losing commit
+    remains, so reapplying the change to the new latest version and committing again
+    is always safe.
+    """
+
+
+class WriterConflict(AlreadyExists):
+    """Another writer is appending to this log.
+
+    Raised by :meth:`tierstore.store.WriteAheadLog.append` when an LSN it was about to
+    write was taken; that log object then refuses further appends (reopen it once the
+    other writer has stopped).
+    """
 
 
 class CapacityError(TierstoreError):

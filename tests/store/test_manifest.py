@@ -10,62 +10,12 @@ import threading
 import numpy as np
 import pytest
 
-from tierstore.errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, NotFound
+from tests.store.conftest import flip_byte
+from tierstore.errors import AlreadyExists, CommitConflict, CorruptData, InvalidArgument, InvalidType, NotFound
+from tierstore.store._json import freeze_json, thaw_json
+from tierstore.store._steps import run_steps
 from tierstore.store.blob import decode_blob
-from tierstore.store.manifest import Manifest, ManifestLog, freeze_json, run_steps, thaw_json
-
-MiB = 1024 * 1024
-TIER_KINDS = ["lmdb", "file", "s3", "memory+lmdb", "memory+file"]
-
-
-@pytest.fixture(params=TIER_KINDS)
-def make_tier(request, tmp_path):
-    """A factory of tiers on one fixed location: each call opens a new tier object there."""
-    from tierstore.tiers import FileTier, LmdbTier, MemoryTier, S3Tier, TieredStore
-
-    kind = request.param
-    s3 = request.getfixturevalue("s3_location") if kind == "s3" else None
-    opened = []
-
-    def make():
-        if kind == "lmdb":
-            tier = LmdbTier(tmp_path / "lmdb", map_size=64 * MiB)
-        elif kind == "file":
-            tier = FileTier(tmp_path / "files")
-        elif kind == "s3":
-            tier = S3Tier(s3["bucket"], prefix=s3["prefix"], endpoint_url=s3["endpoint_url"])
-        else:
-            bottom = LmdbTier(tmp_path / "lmdb", map_size=64 * MiB) if kind.endswith("lmdb") \
-                else FileTier(tmp_path / "files")
-            tier = TieredStore([MemoryTier(capacity_bytes=4 * MiB), bottom])
-        opened.append(tier)
-        return tier
-
-    make.kind = kind
-    yield make
-    for tier in opened:
-        tier.close()
-
-
-@pytest.fixture
-def tier(make_tier):
-    return make_tier()
-
-
-@pytest.fixture
-def lmdb_tier(tmp_path):
-    """One LMDB tier, for checks that fail before any I/O (the same code path on every tier)."""
-    from tierstore.tiers import LmdbTier
-
-    with LmdbTier(tmp_path / "single", map_size=16 * MiB) as tier:
-        yield tier
-
-
-def flip_byte(tier, key, position):
-    data = bytearray(tier.get(key))
-    data[position % len(data)] ^= 0x40
-    tier.put(key, bytes(data))
-
+from tierstore.store.manifest import Manifest, ManifestLog
 
 STATE = {"dim": 384, "metric": "cosine", "lists": ["docs/list/0001", "docs/list/0002"],
          "wal": {"applied_lsn": 17}, "ratio": 0.25, "tags": [], "none": None, "ok": True, "name": "mañana ✓"}
@@ -155,9 +105,10 @@ def test_stale_or_wrong_base_fails_without_writing(tier):
     log.commit({"n": 1}, expected_version=None)
     log.commit({"n": 2}, expected_version=1)
     keys_before = tier.list("c/")
-    with pytest.raises(AlreadyExists, match="reload with latest"):
+    with pytest.raises(AlreadyExists, match="reload with latest") as lost:
         log.commit({"n": 0}, expected_version=None)
-    with pytest.raises(AlreadyExists, match="latest is now 2"):
+    assert type(lost.value) is CommitConflict
+    with pytest.raises(CommitConflict, match="latest is now 2"):
         log.commit({"n": 3}, expected_version=1)
     with pytest.raises(InvalidArgument, match="newer than the latest"):
         log.commit({"n": 9}, expected_version=5)
@@ -199,7 +150,7 @@ def test_racing_writers_exactly_one_wins_then_all_land(make_tier):
         thread.join(60)
     assert not any(thread.is_alive() for thread in threads)
     assert list(first_round.values()).count("won") == 1  # from one base, exactly one commit won
-    assert all(isinstance(v, AlreadyExists) or v == "won" for v in first_round.values())
+    assert all(isinstance(v, CommitConflict) or v == "won" for v in first_round.values())
     final = setup.latest()
     assert final.version == 1 + writers
     assert sorted(final.state["members"]) == sorted(f"w{i}" for i in range(writers))  # no lost update
@@ -233,7 +184,7 @@ def test_two_s3_tiers_on_one_prefix_race(s3_location):
             for thread in threads:
                 thread.join(30)
             winners = [o for o in outcomes if isinstance(o, Manifest)]
-            assert len(winners) == 1 and sum(isinstance(o, AlreadyExists) for o in outcomes) == 1
+            assert len(winners) == 1 and sum(isinstance(o, CommitConflict) for o in outcomes) == 1
             loser = outcomes.index(next(o for o in outcomes if isinstance(o, AlreadyExists)))
             assert logs[loser].latest() == winners[0]  # the loser reloads and sees the winner's commit
         assert logs[1].versions() == [1, 2, 3, 4, 5]
@@ -248,7 +199,7 @@ def test_commit_into_a_pruned_slot_is_rolled_back(tier):
     for version in range(1, 6):
         log.commit({"n": version}, expected_version=version - 1 or None)
     assert log.prune(keep=2) == [1, 2, 3] and log.versions() == [4, 5]
-    with pytest.raises(AlreadyExists):  # the ordinary case: the listing shows the base is stale
+    with pytest.raises(CommitConflict):  # the ordinary case: the listing shows the base is stale
         log.commit({"n": "stale"}, expected_version=2)
 
     class StaleListing(ManifestLog):
@@ -260,7 +211,7 @@ def test_commit_into_a_pruned_slot_is_rolled_back(tier):
                 return Manifest(2, 1, 0.0, "old", "c2", None, {}, self.key(2))
             return (yield from super()._load(version))
 
-    with pytest.raises(AlreadyExists, match="latest is now 5"):
+    with pytest.raises(CommitConflict, match="latest is now 5"):
         StaleListing(tier, "c").commit({"n": "stale"}, expected_version=2)
     assert log.versions() == [4, 5] and log.latest().state == {"n": 5}
 
@@ -394,7 +345,7 @@ def test_async_twins(make_tier):
         results = await asyncio.gather(*(log.commit_async({"n": i}, expected_version=1) for i in range(4)),
                                        return_exceptions=True)
         assert sum(isinstance(r, Manifest) for r in results) == 1
-        assert all(isinstance(r, (Manifest, AlreadyExists)) for r in results)
+        assert all(isinstance(r, (Manifest, CommitConflict)) for r in results)
         latest = await log.latest_async()
         assert latest.version == 2 and latest.parent_commit_id == first.commit_id
         assert await log.versions_async() == [1, 2] and (await log.load_async(1)) == first

@@ -15,10 +15,11 @@ import time
 import numpy as np
 import pytest
 
-from tests.store.test_manifest import flip_byte, lmdb_tier, make_tier, tier  # noqa: F401  (shared fixtures)
-from tierstore.errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType
+from tests.store.conftest import flip_byte
+from tierstore.errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, WriterConflict
 from tierstore.store.blob import decode_blob
-from tierstore.store.wal import DeleteRecord, UpsertRecord, WriteAheadLog, encode_record
+from tierstore.store.wal import WriteAheadLog
+from tierstore.store.wal_records import DeleteRecord, UpsertRecord, encode_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -222,9 +223,10 @@ def test_second_writer_is_detected_and_never_skips_ahead(tier):
     assert first.append(record_for(1)) == 1
     second = WriteAheadLog(tier, "c")
     assert second.append(record_for(2)) == 2
-    with pytest.raises(AlreadyExists, match="another writer is appending"):
+    with pytest.raises(AlreadyExists, match="another writer is appending") as taken:
         first.append(record_for(99))
-    with pytest.raises(AlreadyExists, match="another writer"):  # fenced: it does not retry at LSN 3
+    assert type(taken.value) is WriterConflict
+    with pytest.raises(WriterConflict, match="another writer"):  # fenced: it does not retry at LSN 3
         first.append_many([record_for(98)])
     assert first.last_lsn == 1
     assert second.append(record_for(3)) == 3

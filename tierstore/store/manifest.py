@@ -15,15 +15,16 @@ prefix (``"{prefix}/manifest/x"``) cannot be mistaken for a version.
 **Two writers never both win.** :meth:`ManifestLog.commit` names the version its change
 was based on (``expected_version``) and writes ``expected + 1`` with ``mode="create"``;
 the tier lets exactly one creator succeed (LMDB transaction, ``link`` on files,
-``If-None-Match: *`` on S3). The loser gets :class:`~tierstore.errors.AlreadyExists`
-and nothing of its commit remains: it reloads with :meth:`ManifestLog.latest`,
-reapplies its change and commits again. A commit first lists the versions, so a base
-that is already stale fails at once without writing; and after its put it lists again:
-a version above its own that was not built on it (``parent_commit_id``) means that it
-created a slot that :meth:`ManifestLog.prune` had freed under a stale base, and the
-commit deletes what it wrote and raises :class:`AlreadyExists` too. (Residual case: if,
-within that one round trip, others commit on top of the new version *and* prune it,
-the commit reports a loss it did not suffer; run ``prune`` from the writer only.)
+``If-None-Match: *`` on S3). The loser gets :class:`~tierstore.errors.CommitConflict`
+(an :class:`~tierstore.errors.AlreadyExists`) and nothing of its commit remains: it
+reloads with :meth:`ManifestLog.latest`, reapplies its change and commits again. A
+commit first lists the versions, so a base that is already stale fails at once without
+writing; and after its put it lists again: a version above its own that was not built
+on it (``parent_commit_id``) means that it created a slot that :meth:`ManifestLog.prune`
+had freed under a stale base, and the commit deletes what it wrote and raises
+:class:`CommitConflict` too. (Residual case: if, within that one round trip, others
+commit on top of the new version *and* prune it, the commit reports a loss it did not
+suffer; run ``prune`` from the writer only.)
 
 **Snapshot isolation.** A :class:`Manifest` is immutable (its state is a deep read-only
 copy) and a reader keeps the one it loaded, whatever is committed later. Blobs that a
@@ -41,184 +42,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
-import socket
 import time
 import uuid
-from collections.abc import Generator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from ..errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, NotFound
+from ..errors import AlreadyExists, CommitConflict, CorruptData, InvalidArgument, InvalidType, NotFound
 from ..tiers.base import BaseTier
-from ..tiers.keys import validate_key
+from ._json import dumps_json, freeze_json, thaw_json
+from ._layout import NUMBER_DIGITS, check_prefix, default_writer_id, parse_numbered
+from ._steps import Steps, call, run_steps, run_steps_async
 from .blob import decode_blob, encode_blob
 
-__all__ = ["Manifest", "ManifestLog", "MANIFEST_FORMAT", "freeze_json", "thaw_json", "dumps_json",
-           "Steps", "call", "run_steps", "run_steps_async"]
+__all__ = ["Manifest", "ManifestLog", "MANIFEST_FORMAT"]
 
 MANIFEST_FORMAT = 1
-_DIGITS = 20
-_MAX_VERSION = 10**_DIGITS - 1
+_MAX_VERSION = 10**NUMBER_DIGITS - 1
 _LATEST_ATTEMPTS = 5
 
 
-# --------------------------------------------------------------- JSON-like values
-class _BadValue(Exception):
-    def __init__(self, error: type, problem: str) -> None:
-        self.error, self.problem, self.path = error, problem, []
-
-
-def _freeze(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _BadValue(InvalidArgument, f"{value!r} is not a finite number (JSON has no NaN or infinity)")
-        return float(value)
-    if isinstance(value, Mapping):
-        out = {}
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _BadValue(InvalidType, f"has a {type(key).__name__} key {key!r}; JSON object keys are str")
-            try:
-                out[key] = _freeze(item)
-            except _BadValue as bad:
-                bad.path.append(f"[{key!r}]")
-                raise
-        return MappingProxyType(out)
-    if isinstance(value, (list, tuple)):
-        items = []
-        for index, item in enumerate(value):
-            try:
-                items.append(_freeze(item))
-            except _BadValue as bad:
-                bad.path.append(f"[{index}]")
-                raise
-        return tuple(items)
-    if isinstance(value, (np.bool_, np.integer, np.floating)):
-        return _freeze(value.item())
-    raise _BadValue(InvalidType, f"is a {type(value).__name__}; use dict (str keys), list, str, int, float, "
-                                 "bool or None")
-
-
-def freeze_json(value: Any, what: str = "value") -> Any:
-    """Validate a JSON-like value and return a deep read-only copy of it.
-
-    dicts (any ``Mapping`` with ``str`` keys) become :class:`types.MappingProxyType`,
-    lists and tuples become tuples, numpy scalars become Python numbers. NaN and
-    infinity raise :class:`InvalidArgument`; other types :class:`InvalidType`; the
-    message names the offending path (``state['lists'][3]``).
-    """
-    try:
-        return _freeze(value)
-    except _BadValue as bad:
-        raise bad.error(f"{what}{''.join(reversed(bad.path))} {bad.problem}") from None
-    except RecursionError:
-        raise InvalidArgument(f"{what} is nested too deeply (or refers to itself)") from None
-
-
-def thaw_json(value: Any) -> Any:
-    """Return a plain, mutable deep copy (dicts and lists) of a value from :func:`freeze_json`."""
-    if isinstance(value, Mapping):
-        return {key: thaw_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [thaw_json(item) for item in value]
-    return value
-
-
-def _plain_mapping(value: object) -> dict:
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
-
-
-def dumps_json(frozen: Any) -> bytes:
-    """Encode a value from :func:`freeze_json` as compact UTF-8 JSON with sorted keys."""
-    text = json.dumps(frozen, default=_plain_mapping, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False, allow_nan=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"the value contains text that is not valid UTF-8 (a lone surrogate?): {exc}") from exc
-
-
-def default_writer_id() -> str:
-    """``host:pid:random``: names the writer in what it commits (for people, not for locking)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def check_prefix(prefix: object) -> str:
-    """Validate the prefix of a manifest log or WAL ('' = the root of the tier)."""
-    if not isinstance(prefix, str):
-        raise InvalidType(f"prefix must be a str, got {type(prefix).__name__}")
-    prefix = prefix.rstrip("/")
-    if prefix:
-        validate_key(prefix)
-    return prefix
-
-
-def parse_numbered(keys: list[str], directory: str) -> list[int]:
-    """The numbers of the keys ``directory + 20 digits`` among ``keys``, ascending."""
-    cut = len(directory)
-    found = []
-    for key in keys:
-        name = key[cut:]
-        if len(name) == _DIGITS and name.isascii() and name.isdigit() and key.startswith(directory):
-            found.append(int(name))
-    found.sort()
-    return found
-
-
-# ------------------------------------------------------------- sans-I/O protocols
-#: A protocol: a generator that yields tier calls (see :func:`call`) and returns a result.
-Steps = Generator[tuple[str, tuple, dict], Any, Any]
-
-
-def call(method: str, *args: Any, **kwargs: Any) -> tuple[str, tuple, dict]:
-    """A tier call for a protocol to yield: ``data = yield call("get", key)``."""
-    return method, args, kwargs
-
-
-def run_steps(tier: BaseTier, steps: Steps) -> Any:
-    """Run a protocol with the tier's blocking methods; an error is thrown back into it."""
-    result: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            method, args, kwargs = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration as done:
-            return done.value
-        error = None
-        try:
-            result = getattr(tier, method)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - the protocol decides; unhandled ones re-raise from it
-            result, error = None, exc
-
-
-async def run_steps_async(tier: BaseTier, steps: Steps) -> Any:
-    """Run a protocol with the tier's async twins (``get`` -> ``get_async``, ...)."""
-    result: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            method, args, kwargs = steps.throw(error) if error is not None else steps.send(result)
-        except StopIteration as done:
-            return done.value
-        error = None
-        try:
-            result = await getattr(tier, method + "_async")(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            result, error = None, exc
-
-
-# --------------------------------------------------------------------- manifests
 @dataclass(frozen=True)
 class Manifest:
     """One committed version of a collection's state; immutable.
@@ -302,7 +147,7 @@ class ManifestLog:
 
     def key(self, version: int) -> str:
         """The key of manifest ``version``."""
-        return f"{self._dir}{_check_version(version, 'version'):0{_DIGITS}d}"
+        return f"{self._dir}{_check_version(version, 'version'):0{NUMBER_DIGITS}d}"
 
     # ---------------------------------------------------------------- public surface
     def versions(self) -> list[int]:
@@ -325,9 +170,10 @@ class ManifestLog:
         """Commit ``state`` as version ``expected_version + 1`` (1 when ``None``).
 
         ``expected_version`` is the version the change was based on (``latest().version``,
-        or ``None`` for the first commit). Raises :class:`AlreadyExists` when another
-        writer committed since (reload with :meth:`latest`, reapply, retry; nothing of
-        this commit is left behind) and :class:`InvalidArgument` when
+        or ``None`` for the first commit). Raises :class:`CommitConflict` (an
+        :class:`AlreadyExists`) when another writer committed since (reload with
+        :meth:`latest`, reapply, retry; nothing of this commit is left behind) and
+        :class:`InvalidArgument` when
         ``expected_version`` names a version newer than the latest, or the log is
         empty. ``state`` must be JSON-like (see :func:`freeze_json`); it is validated
         before anything is written. Costs two listings, a get of the parent and a put.
@@ -430,8 +276,8 @@ class ManifestLog:
         if expected_version is not None:
             expected_version = _check_version(expected_version, "expected_version")
             if expected_version >= _MAX_VERSION:
-                raise InvalidArgument(f"expected_version {expected_version} is the last version {_DIGITS} digits "
-                                      "can name; start a new log")
+                raise InvalidArgument(f"expected_version {expected_version} is the last version "
+                                      f"{NUMBER_DIGITS} digits can name; start a new log")
         version = 1 if expected_version is None else expected_version + 1
         frozen = freeze_json(state, "state")
         return (Manifest(version, expected_version, time.time(), self.writer, uuid.uuid4().hex, None, frozen,
@@ -466,9 +312,9 @@ def _check_keep(keep: object) -> int:
     return keep
 
 
-def _lost(pending: Manifest, latest: int | None = None) -> AlreadyExists:
+def _lost(pending: Manifest, latest: int | None = None) -> CommitConflict:
     base = "None (a first commit)" if pending.parent is None else pending.parent
     now = f" (the latest is now {latest})" if latest is not None else ""
-    return AlreadyExists(f"another writer committed version {pending.version} of {pending.key.rsplit('/', 1)[0]!r} "
-                         f"first{now}; this commit, based on version {base}, was not written: reload with latest(), "
-                         "reapply the change and commit again")
+    return CommitConflict(f"another writer committed version {pending.version} of {pending.key.rsplit('/', 1)[0]!r} "
+                          f"first{now}; this commit, based on version {base}, was not written: reload with latest(), "
+                          "reapply the change and commit again")
