@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy
 
-from ..errors import (AlreadyExists, CapacityError, ConfigError, InvalidArgument, InvalidType, NotFound,
-                      TierUnavailable)
-from .base import BaseTier, check_mode
+from ..errors import CapacityError, ConfigError, InvalidArgument, InvalidType, TierUnavailable
+from ._resident import ResidentTier
+from .base import check_mode
 from .keys import validate_key
 
 __all__ = ["GpuTier"]
@@ -47,7 +46,7 @@ def _resolve_device(torch, device: object):
     return probe.device
 
 
-class GpuTier(BaseTier):
+class GpuTier(ResidentTier):
     """Values held as 1-D ``torch.uint8`` tensors on one torch device; lost on ``close()``.
 
     ``capacity_bytes`` is required (device memory is never unbounded): a ``put`` that
@@ -74,7 +73,6 @@ class GpuTier(BaseTier):
     """
 
     kind = "gpu"
-    durable = False
     _inline_async = False
 
     def __init__(self, capacity_bytes: int, device: Any = None, *, name: str | None = None,
@@ -85,46 +83,19 @@ class GpuTier(BaseTier):
         super().__init__(name=name, max_workers=max_workers, capacity_bytes=capacity_bytes)
         self._torch = _import_torch()
         self.device = _resolve_device(self._torch, device)
-        self._values: dict[str, Any] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ storage
-    def _lookup(self, key: str):
-        try:
-            return self._values[key]
-        except KeyError:
-            raise NotFound(f"key {key!r} not found in gpu tier {self.name!r}") from None
-
     def _admit(self, key: str, size: int, create: bool) -> None:
         """Refuse a write before any device memory is spent on it."""
-        capacity = self.capacity_bytes
-        if size > capacity:
-            raise CapacityError(f"value of {size} bytes is larger than gpu tier {self.name!r}'s capacity of "
-                                f"{capacity} bytes; raise capacity_bytes or store it in a larger tier")
+        self._check_fits(size)
         with self._lock:
-            self._check_room(key, size, create)
-
-    def _check_room(self, key: str, size: int, create: bool) -> int:
-        """Under the lock: raise unless ``key`` may take ``size`` bytes; return the old size."""
-        old = self._values.get(key)
-        if old is not None and create:
-            raise AlreadyExists(f"key {key!r} already exists in gpu tier {self.name!r}")
-        old_size = 0 if old is None else int(old.numel())
-        if self._bytes - old_size + size > self.capacity_bytes:
-            raise CapacityError(f"gpu tier {self.name!r} is full ({self._bytes} of {self.capacity_bytes} bytes "
-                                f"used); cannot add {size} bytes: delete values or raise capacity_bytes")
-        return old_size
+            self._reserve(key, size, create)
 
     def _store(self, key: str, size: int, make_tensor, create: bool) -> None:
         # Check, copy outside the lock (copies may be slow and run on several threads),
-        # then check again: another writer may have filled the tier meanwhile.
+        # then check again on install: another writer may have filled the tier meanwhile.
         self._admit(key, size, create)
-        stored = self._device_call(make_tensor, f"store {size} bytes")
-        with self._lock:
-            old_size = self._check_room(key, size, create)
-            self._values[key] = stored
-            self._bytes += size - old_size
+        self._install(key, self._device_call(make_tensor, f"store {size} bytes"), create)
 
     def _device_call(self, fn, action: str):
         """Run ``fn`` and translate torch's device errors (all ``RuntimeError``)."""
@@ -200,35 +171,15 @@ class GpuTier(BaseTier):
     def _get_range(self, key: str, start: int, end: int | None) -> bytes:
         return self._to_host(self._lookup(key)[start:end])
 
-    def _size(self, key: str) -> int:
-        return int(self._lookup(key).numel())
-
     def _put(self, key: str, value: memoryview, create: bool) -> None:
         self._store(key, value.nbytes, lambda: self._upload(value), create)
 
-    def _delete(self, key: str) -> bool:
-        with self._lock:
-            old = self._values.pop(key, None)
-            if old is None:
-                return False
-            self._bytes -= int(old.numel())
-            return True
+    @staticmethod
+    def _size_of(stored) -> int:
+        return int(stored.numel())
 
-    def _contains(self, key: str) -> bool:
-        return key in self._values
-
-    def _list(self, prefix: str):
-        with self._lock:
-            keys = list(self._values)
-        return [k for k in keys if k.startswith(prefix)]
-
-    def _close(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._bytes = 0
-
-    def _extra_stats(self) -> dict:
-        return {"items": len(self._values), "bytes_stored": self._bytes, "extra": {"device": str(self.device)}}
+    def _extra(self) -> dict:
+        return {"device": str(self.device)}
 
     # ------------------------------------------------------------ tensor surface
     def get_tensor(self, key: str):
@@ -265,8 +216,3 @@ class GpuTier(BaseTier):
         size = tensor.numel() * tensor.element_size()
         self._store(key, size, lambda: self._raw_bytes(tensor), create)
         self._stats.record_put(size)
-
-    @property
-    def bytes_used(self) -> int:
-        """Bytes of values held now (the sum of their lengths)."""
-        return self._bytes

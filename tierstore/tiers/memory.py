@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
-from ..errors import AlreadyExists, CapacityError, ConfigError, NotFound, TierUnavailable
-from .base import BaseTier
+from ..errors import ConfigError, TierUnavailable
+from ._resident import ResidentTier
 from .keys import validate_key
 
 __all__ = ["MemoryTier"]
 
 
-class MemoryTier(BaseTier):
+class MemoryTier(ResidentTier):
     """Values held in this process's memory; lost on ``close()``.
 
     ``capacity_bytes`` bounds the bytes held: a ``put`` that would pass it raises
@@ -25,14 +22,10 @@ class MemoryTier(BaseTier):
     """
 
     kind = "memory"
-    durable = False
     _inline_async = True
 
     def __init__(self, capacity_bytes: int | None = None, *, pinned: bool = False, name: str | None = None) -> None:
         super().__init__(name=name, capacity_bytes=capacity_bytes)
-        self._values: dict[str, Any] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
         self._torch = None
         if pinned:
             try:
@@ -60,12 +53,6 @@ class MemoryTier(BaseTier):
     def _as_bytes(self, stored) -> bytes:
         return stored if type(stored) is bytes else stored.numpy().tobytes()
 
-    def _lookup(self, key: str):
-        try:
-            return self._values[key]
-        except KeyError:
-            raise NotFound(f"key {key!r} not found in memory tier {self.name!r}") from None
-
     def _get(self, key: str) -> bytes:
         return self._as_bytes(self._lookup(key))
 
@@ -75,54 +62,16 @@ class MemoryTier(BaseTier):
             return stored[start:end]
         return stored.numpy()[start:end].tobytes()
 
-    def _size(self, key: str) -> int:
-        stored = self._lookup(key)
-        return len(stored) if type(stored) is bytes else int(stored.numel())
-
     def _put(self, key: str, value: memoryview, create: bool) -> None:
-        size = value.nbytes
-        if self.capacity_bytes is not None and size > self.capacity_bytes:
-            raise CapacityError(f"value of {size} bytes is larger than memory tier {self.name!r}'s "
-                                f"capacity of {self.capacity_bytes} bytes; raise capacity_bytes")
-        stored = self._store_form(value)
-        with self._lock:
-            old = self._values.get(key)
-            if old is not None and create:
-                raise AlreadyExists(f"key {key!r} already exists in memory tier {self.name!r}")
-            old_size = 0 if old is None else self._size_of(old)
-            if self.capacity_bytes is not None and self._bytes - old_size + size > self.capacity_bytes:
-                raise CapacityError(f"memory tier {self.name!r} is full ({self._bytes} of {self.capacity_bytes} "
-                                    f"bytes used); cannot add {size} bytes: delete values or raise capacity_bytes")
-            self._values[key] = stored
-            self._bytes += size - old_size
+        self._check_fits(value.nbytes)
+        self._install(key, self._store_form(value), create)
 
     @staticmethod
     def _size_of(stored) -> int:
         return len(stored) if type(stored) is bytes else int(stored.numel())
 
-    def _delete(self, key: str) -> bool:
-        with self._lock:
-            old = self._values.pop(key, None)
-            if old is None:
-                return False
-            self._bytes -= self._size_of(old)
-            return True
-
-    def _contains(self, key: str) -> bool:
-        return key in self._values
-
-    def _list(self, prefix: str):
-        with self._lock:
-            keys = list(self._values)
-        return [k for k in keys if k.startswith(prefix)]
-
-    def _close(self) -> None:
-        with self._lock:
-            self._values.clear()
-            self._bytes = 0
-
-    def _extra_stats(self) -> dict:
-        return {"items": len(self._values), "bytes_stored": self._bytes, "extra": {"pinned": self.pinned}}
+    def _extra(self) -> dict:
+        return {"pinned": self.pinned}
 
     def get_tensor(self, key: str):
         """Return the pinned torch buffer of ``key`` (only with ``pinned=True``); no copy."""
@@ -131,10 +80,6 @@ class MemoryTier(BaseTier):
         key = validate_key(key)
         self._check_open()
         return self._counted_read(lambda: self._lookup(key), size=lambda t: int(t.numel()))
-
-    @property
-    def bytes_used(self) -> int:
-        return self._bytes
 
     def __reduce__(self):
         # A volatile tier pickles as its configuration: the copy arrives empty, which is
