@@ -53,9 +53,9 @@ import numpy as np
 from ..errors import AlreadyExists, CommitConflict, CorruptData, InvalidArgument, InvalidType, NotFound
 from ..tiers.base import BaseTier
 from ._json import dumps_json, freeze_json, thaw_json
-from ._layout import NUMBER_DIGITS, check_prefix, default_writer_id, parse_numbered
+from ._layout import NUMBER_DIGITS, check_prefix, decode_numbered_blob, default_writer_id, parse_numbered
 from ._steps import Steps, call, run_steps, run_steps_async
-from .blob import decode_blob, encode_blob
+from .blob import encode_blob
 
 __all__ = ["Manifest", "ManifestLog", "MANIFEST_FORMAT"]
 
@@ -96,14 +96,9 @@ def _encode(manifest: Manifest, payload: bytes) -> bytes:
 
 
 def _decode(data: bytes, key: str, version: int) -> Manifest:
-    blob = decode_blob(data, source=key)
+    blob = decode_numbered_blob(data, key, kind="manifest", fmt=MANIFEST_FORMAT, number_field="version",
+                                number=version, what="manifest")
     head = blob.header
-    if head.get("kind") != "manifest" or head.get("format") != MANIFEST_FORMAT:
-        raise CorruptData(f"{key!r} is not a manifest of format {MANIFEST_FORMAT} (kind={head.get('kind')!r}, "
-                          f"format={head.get('format')!r}); was something else written under this prefix?")
-    if head.get("version") != version:
-        raise CorruptData(f"manifest {key!r} says it is version {head.get('version')!r}; the key says {version}: "
-                          "it was copied or renamed; restore the original object")
     try:
         state = json.loads(str(blob.payload, "utf-8"))
         parent, created_at = head["parent"], float(head["created_at"])

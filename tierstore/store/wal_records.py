@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import CorruptData, InvalidArgument, InvalidType, NotFound
 from ._json import dumps_json, freeze_json
-from .blob import decode_blob, encode_blob
+from ._layout import decode_numbered_blob
+from .blob import encode_blob
 
 __all__ = ["UpsertRecord", "DeleteRecord", "Record", "encode_record", "decode_record", "WAL_FORMAT"]
 
@@ -185,13 +186,9 @@ def encode_record(record: Record, lsn: int, batch: tuple[int, int], writer: str)
 
 def decode_record(data: object, key: str, lsn: int) -> Record:
     """Verify and decode the record stored at ``key``; :class:`CorruptData` names the key."""
-    blob = decode_blob(data, source=key)
+    blob = decode_numbered_blob(data, key, kind="wal-record", fmt=WAL_FORMAT, number_field="lsn", number=lsn,
+                                what="WAL record")
     head = blob.header
-    if head.get("kind") != "wal-record" or head.get("format") != WAL_FORMAT:
-        raise CorruptData(f"{key!r} is not a WAL record of format {WAL_FORMAT} (kind={head.get('kind')!r}, "
-                          f"format={head.get('format')!r}); was something else written under this prefix?")
-    if head.get("lsn") != lsn:
-        raise CorruptData(f"WAL record {key!r} says it is LSN {head.get('lsn')!r}: it was copied or renamed")
     try:
         count, op = head["count"], head["op"]
         ids = np.frombuffer(blob.section("ids"), dtype="<i8")
