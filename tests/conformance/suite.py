@@ -141,6 +141,96 @@ class TierConformance:
             tier.put_many([("ok/1", b"x"), ("ok/2", None)])
         assert tier.list("") == []
 
+    # ------------------------------------------------------------ batched ranges
+    def test_get_ranges_equal_slices_of_get(self, tier):
+        values = {f"gr/{i}": random_bytes(5_000 + 1_000 * i, seed=40 + i) for i in range(3)}
+        tier.put_many(values)
+        tier.put("gr/empty", b"")
+        requests = [("gr/0", 0, 10), ("gr/1", 100, 4_000), ("gr/2", 6_500, None), ("gr/0", 4_990, 9_000),
+                    ("gr/1", 3, 3), ("gr/2", 20_000, None), ("gr/0", 0, None), ("gr/1", 5_999, 6_000),
+                    ("gr/2", 7_000, 7_000), ("gr/empty", 0, None), ("gr/empty", 0, 10), ["gr/1", 10, 20]]
+        expected = [tier.get(key)[start:end] for key, start, end in requests]
+        assert expected == [values.get(key, b"")[start:end] for key, start, end in requests]
+        got = tier.get_ranges(requests)
+        assert got == expected
+        assert all(isinstance(v, (bytes, bytearray)) for v in got)
+        assert tier.get_ranges(iter(requests[:2])) == expected[:2]  # any iterable, read once
+        assert asyncio.run(tier.get_ranges_async(r for r in requests)) == expected
+
+    def test_get_ranges_empty_batch(self, tier):
+        assert tier.get_ranges([]) == []
+        assert asyncio.run(tier.get_ranges_async([])) == []
+        assert tier.stats().gets == 0
+
+    def test_get_ranges_missing_key_raises_not_found(self, tier):
+        tier.put("gm/a", b"abcdef")
+        with pytest.raises(NotFound) as info:
+            tier.get_ranges([("gm/a", 0, 2), ("gm/missing", 0, 2), ("gm/a", 4, None)])
+        assert "gm/missing" in str(info.value)
+        with pytest.raises(NotFound):
+            asyncio.run(tier.get_ranges_async([("gm/nope", 0, None)]))
+        stats = tier.stats()  # counted like three get_range calls, then one more
+        assert (stats.gets, stats.hits, stats.misses, stats.bytes_read) == (4, 2, 2, 4)
+
+    def test_get_ranges_validates_everything_before_any_read(self, tier, monkeypatch):
+        tier.put("gv/a", b"abcdef")
+
+        def no_io(requests):
+            raise AssertionError(f"read {requests!r} despite an invalid request")
+        monkeypatch.setattr(tier, "_get_ranges", no_io)
+        bad = [([("gv/a", 0, 1), ("../x", 0, 1)], InvalidKey), ([("gv/a", 0, 1), ("a//b", 0, None)], InvalidKey),
+               ([("gv/a", 0, 1), (None, 0, 1)], InvalidType), ([("gv/a", 0, 1), ("gv/a", -1, 2)], InvalidArgument),
+               ([("gv/a", 0, 1), ("gv/a", 3, 1)], InvalidArgument), ([("gv/a", "0", 2)], InvalidType),
+               ([("gv/a", 0, 2.0)], InvalidType), ([("gv/a", True, 2)], InvalidType), ([("gv/a", 0)], InvalidType),
+               (["gv/a"], InvalidType), ("gv/a", InvalidType), (b"gv/a", InvalidType), (7, InvalidType)]
+        for requests, error in bad:
+            with pytest.raises(error):
+                tier.get_ranges(requests)
+        with pytest.raises(InvalidKey):
+            asyncio.run(tier.get_ranges_async([("gv/a", 0, 1), ("../x", 0, 1)]))
+        assert tier.stats().gets == 0
+
+    def test_get_ranges_on_closed_tier(self, make_tier):
+        tier = make_tier()
+        tier.put("gc", b"x")
+        tier.close()
+        with pytest.raises(StoreClosed):
+            tier.get_ranges([("gc", 0, 1)])
+
+    def test_get_ranges_of_a_hierarchy_reads_each_level_once(self, tier):
+        if tier.kind != "tiered":
+            pytest.skip("TieredStore only")
+        levels = tier.tiers
+        levels[-1].put("gh/bottom", b"0123456789")  # only in the bottom level, behind the store's back
+        tier.put("gh/top", b"abcdefghij")
+        before = [(s.gets, s.hits, s.misses) for s in tier.stats().levels]
+        assert tier.get_ranges([("gh/bottom", 2, 5), ("gh/top", 7, None), ("gh/bottom", 8, None)]) == \
+            [b"234", b"hij", b"89"]
+        after = tier.stats().levels
+        delta = [(s.gets - g, s.hits - h, s.misses - m) for s, (g, h, m) in zip(after, before)]
+        assert delta == [(3, 1, 2), (2, 0, 2), (2, 2, 0)]  # a miss at level i is a lookup at i + 1
+        assert not levels[0].contains("gh/bottom")  # ranged reads never promote
+        with pytest.raises(NotFound) as info:  # a key missing everywhere fails the batch, naming it
+            tier.get_ranges([("gh/top", 0, 1), ("gh/nowhere", 0, 1)])
+        assert "gh/nowhere" in str(info.value)
+
+    def test_get_ranges_of_s3_run_concurrently(self, tier, monkeypatch):
+        if tier.kind != "s3":
+            pytest.skip("S3 only")
+        import threading
+
+        tier.put_many({f"gs/{i}": random_bytes(1_000, seed=i) for i in range(4)})
+        client = tier._client()
+        real_get_object = client.get_object
+        all_in_flight = threading.Barrier(4, timeout=10)  # broken unless 4 GETs are in flight at once
+
+        def get_object(**kwargs):
+            all_in_flight.wait()
+            return real_get_object(**kwargs)
+        monkeypatch.setattr(client, "get_object", get_object)
+        requests = [(f"gs/{i}", 10 * i, 10 * i + 5) for i in range(4)]
+        assert tier.get_ranges(requests) == [random_bytes(1_000, seed=i)[10 * i:10 * i + 5] for i in range(4)]
+
     # ------------------------------------------------------------ listing
     def test_list_prefix(self, tier):
         for key in ["a/1", "a/2", "ab/3", "b/4", "a/sub/5"]:

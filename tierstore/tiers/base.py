@@ -26,7 +26,7 @@ from ..errors import AlreadyExists, InvalidArgument, InvalidType, NotFound, Stor
 from .keys import validate_key, validate_prefix
 from .stats import StatsCounter, TierStats
 
-__all__ = ["BaseTier", "as_buffer", "normalize_items", "check_range", "PUT_MODES"]
+__all__ = ["BaseTier", "as_buffer", "normalize_items", "normalize_ranges", "check_range", "PUT_MODES"]
 
 PUT_MODES = ("overwrite", "create")
 
@@ -74,6 +74,22 @@ def check_range(start: object, end: object) -> tuple[int, int | None]:
     return start, end
 
 
+def normalize_ranges(requests: object) -> list[tuple[str, int, int | None]]:
+    """Validate the ``(key, start, end)`` requests of a ``get_ranges`` before any read."""
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise InvalidType(f"requests must be an iterable of (key, start, end) tuples, got {type(requests).__name__}")
+    out = []
+    for request in requests:
+        if not isinstance(request, (tuple, list)) or len(request) != 3:
+            raise InvalidType(f"each request must be a (key, start, end) tuple, got {request!r:.60}")
+        key, start, end = request
+        # The common case (int start, int or None end, in order) skips check_range's calls.
+        if not (type(start) is int and start >= 0 and (end is None or type(end) is int and end >= start)):
+            start, end = check_range(start, end)
+        out.append((validate_key(key), start, end))
+    return out
+
+
 def normalize_items(items: object) -> list[tuple[str, memoryview]]:
     """Validate the ``(key, value)`` pairs of a ``put_many`` before anything is written."""
     if isinstance(items, Mapping):
@@ -94,8 +110,8 @@ class BaseTier(abc.ABC):
     """Common surface of all byte tiers; see :mod:`tierstore.tiers` for the contract.
 
     Subclasses implement ``_get``, ``_get_range``, ``_put``, ``_delete``, ``_contains``,
-    ``_size``, ``_list`` and ``_close``; they may override ``_get_many`` / ``_put_many``
-    with a faster batched path.
+    ``_size``, ``_list`` and ``_close``; they may override ``_get_many`` / ``_put_many`` /
+    ``_get_ranges`` with a faster batched path.
     """
 
     kind: ClassVar[str] = "tier"
@@ -155,6 +171,17 @@ class BaseTier(abc.ABC):
         for key in keys:
             try:
                 out.append(self._get(key))
+            except NotFound:
+                out.append(None)
+        return out
+
+    def _get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        """The slices of validated ``(key, start, end)`` requests in order, ``None`` where the key is missing."""
+        get_range = self._get_range
+        out: list[bytes | None] = []
+        for key, start, end in requests:
+            try:
+                out.append(get_range(key, start, end))
             except NotFound:
                 out.append(None)
         return out
@@ -252,6 +279,37 @@ class BaseTier(abc.ABC):
         self._stats.record_gets(len(found), len(values) - len(found), sum(map(len, found)))
         return values
 
+    def get_ranges(self, requests: Iterable[tuple[str, int, int | None]]) -> list[bytes]:
+        """Return bytes ``[start, end)`` of each ``(key, start, end)`` request, in order.
+
+        Each slice is clipped like :meth:`get_range`'s. Every request is validated before
+        any read; a missing key raises :class:`NotFound` naming it (the other requests
+        are still read and counted). Counted like one ``get_range`` per request.
+        """
+        requests = normalize_ranges(requests)
+        values = self._read_ranges(requests)
+        missing = [req[0] for req, value in zip(requests, values) if value is None]
+        if missing:
+            raise NotFound(f"key {missing[0]!r} not found in {self.kind} tier {self.name!r} "
+                           f"({len(missing)} of {len(requests)} ranged read(s) missed)")
+        return values  # type: ignore[return-value]
+
+    def _read_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        """:meth:`get_ranges` of already-validated requests, ``None`` for a missing key, counted.
+
+        A :class:`~tierstore.tiers.TieredStore` reads each level through this, so that a
+        key missing from one level does not fail the batch.
+        """
+        self._check_open()
+        values = self._get_ranges(requests)
+        hits = nbytes = 0
+        for value in values:
+            if value is not None:
+                hits += 1
+                nbytes += len(value)
+        self._stats.record_gets(hits, len(values) - hits, nbytes)
+        return values
+
     def put_many(self, items: Mapping[str, object] | Iterable[tuple[str, object]], *,
                  mode: str = "overwrite") -> None:
         """Store many values. All keys and values are validated before anything is written.
@@ -347,6 +405,11 @@ class BaseTier(abc.ABC):
 
     async def get_many_async(self, keys: Iterable[str]) -> list[bytes | None]:
         return await self._run(self.get_many, list(keys) if not isinstance(keys, (str, bytes)) else keys)
+
+    async def get_ranges_async(self, requests: Iterable[tuple[str, int, int | None]]) -> list[bytes]:
+        if isinstance(requests, Iterable) and not isinstance(requests, (str, bytes)):
+            requests = list(requests)  # a generator is consumed here, not on a pool thread
+        return await self._run(self.get_ranges, requests)
 
     async def put_many_async(self, items, *, mode: str = "overwrite") -> None:
         return await self._run(self.put_many, items, mode=mode)

@@ -6,7 +6,8 @@ which holds the authoritative copy when it is durable.
 
 Reads go top-down; a hit below the top is promoted into every level above it that has
 room (``promote=True``). ``get_range`` reads from the first level holding the key and
-never promotes (a range of a large blob should not pull the whole blob up).
+never promotes (a range of a large blob should not pull the whole blob up);
+``get_ranges`` does the same for a batch, one batched read per level.
 
 Writes follow ``write_policy``:
 
@@ -190,6 +191,27 @@ class TieredStore(BaseTier):
                 results[i] = value
                 self._after_hit(index, keys[i], value, generations[i])
             pending = [i for i in pending if i not in found]
+        return results
+
+    def _get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        # Level by level, like _get_many: each level gets one batch of the requests it may
+        # hold; a miss falls through to the next level. Like _get_range: no promotion.
+        results: list[bytes | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        for level in self._stack.levels:
+            if not pending:
+                break
+            asked = [i for i in pending if level.may_hold(requests[i][0])]
+            values = level.tier._read_ranges([requests[i] for i in asked]) if asked else []
+            hits = nbytes = 0
+            for i, value in zip(asked, values):
+                if value is not None:
+                    results[i] = value
+                    hits += 1
+                    nbytes += len(value)
+            level.stats.record_gets(hits, len(pending) - hits, nbytes)
+            if hits:
+                pending = [i for i in pending if results[i] is None]
         return results
 
     def _size(self, key: str) -> int:

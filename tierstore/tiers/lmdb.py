@@ -184,6 +184,16 @@ class LmdbTier(BaseTier):
             return [found.get(skey) for skey in storage_keys]
         return self._read(body)
 
+    def _get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        def body(txn, shared):  # one read transaction; each slice copied out of the map
+            data, max_key, get = shared.dbs[0], shared.max_key, txn.get
+            out: list[bytes | None] = []
+            for key, start, end in requests:
+                value = get(_storage_key(key, max_key), db=data)
+                out.append(None if value is None else bytes(value[start:end]))
+            return out
+        return self._read(body, buffers=True)
+
     def _put(self, key: str, value: memoryview, create: bool) -> None:
         if self._write(self._puts_body([(key, value)], create), value.nbytes):
             raise AlreadyExists(f"key {key!r} already exists in LMDB tier {self.name!r} (mode='create')")

@@ -59,7 +59,7 @@ class S3Tier(BaseTier):
     its body is read, so no extra ``HEAD`` is needed; a value larger than
     ``multipart_threshold`` is uploaded in ``part_size`` parts (raised as needed to stay
     within S3's 10,000 parts). ``max_concurrency`` bounds each of the tier's thread pools
-    (async twins, per-key fan-out of ``get_many``/``put_many``, parts), so at most about
+    (async twins, per-key fan-out of ``get_many``/``get_ranges``/``put_many``, parts), so at most about
     ``3 * max_concurrency`` requests run at once; the HTTP pool is sized for that.
     ``get`` returns ``bytes``; a large value costs one copy when its parts are joined.
 
@@ -304,6 +304,17 @@ class S3Tier(BaseTier):
 
     def _get_many(self, keys: list[str]) -> list[bytes | None]:
         return self._parallel("keys", [functools.partial(self._get_or_none, key) for key in keys])
+
+    def _range_or_none(self, key: str, start: int, end: int | None) -> bytes | None:
+        try:
+            return self._get_range(key, start, end)
+        except NotFound:
+            return None
+
+    def _get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        # One ranged GET per request, all in flight at once (up to max_concurrency).
+        return self._parallel("keys", [functools.partial(self._range_or_none, key, start, end)
+                                       for key, start, end in requests])
 
     def _contains(self, key: str) -> bool:
         try:
