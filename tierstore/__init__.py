@@ -13,4 +13,18 @@ from .errors import (AlreadyExists, CapacityError, CommitConflict, ConfigError, 
                      WriterConflict)
 
 __version__ = "0.1.0"
-__all__ = ["errors", "__version__", *errors.__all__]
+__all__ = ["errors", "__version__", "connect", "Database", "Collection", "SearchResult", *errors.__all__]
+
+
+def __getattr__(name: str):
+    # The client pulls in faiss; load it on first use so `import tierstore` stays light.
+    if name in ("connect", "Database"):
+        from .client import database
+        return getattr(database, name)
+    if name == "Collection":
+        from .client.collection import Collection
+        return Collection
+    if name == "SearchResult":
+        from .client.results import SearchResult
+        return SearchResult
+    raise AttributeError(f"module 'tierstore' has no attribute {name!r}")

@@ -1,0 +1,480 @@
+"""A collection: vectors with ids, persisted with manifests and a WAL, searched by a SPANN index.
+
+Storage under ``collections/<name>/`` in the database's tier::
+
+    manifest/<n>            committed states (create-only; see store/manifest.py)
+    wal/<lsn>               upserts and deletes since the last checkpoint
+    g<gen>/vec/<chunk>      full-precision vectors and attributes of generation <gen>
+    g<gen>/seg/<segment>    posting-list segments
+    g<gen>/meta-<v>         the index's resident state at checkpoint <v>
+    g<gen>/rows-<v>         the row table (ids, tombstones, primary lists) at checkpoint <v>
+
+**Writes.** ``add`` and ``delete`` are appended to the WAL (durable when they return),
+then applied in memory: new vectors join an exact *delta* that every search scans, so
+they are found at once; deletes are tombstones. When the delta reaches
+``flush_rows`` (and on :meth:`Collection.flush` / close) a checkpoint folds it into the
+index without a global rebuild (LIRE, see :mod:`tierstore.index.spann`), writes the
+new state, commits a manifest and truncates the WAL. Adding an id that exists replaces
+its vector and attributes (upsert).
+
+**Search.** Without an index (fewer than ``auto_index_rows`` vectors and no
+:meth:`build_index`) search is exact. With one: probe the nearest lists, scan codes,
+rerank ``rerank * k`` candidates exactly, merge with the exact delta.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..errors import InvalidArgument, InvalidType, NotFound
+from ..index.params import IndexParams, SearchParams
+from ..index.rerank import merge_topk, rerank
+from ..index.spann import SpannIndex
+from ..index.vectors import VectorStore
+from ..store.blob import decode_blob, encode_blob
+from ..store.manifest import ManifestLog
+from ..store.wal import WriteAheadLog
+from ..store.wal_records import DeleteRecord, UpsertRecord
+from ._rows import RowTable
+from .results import SearchResult
+
+__all__ = ["Collection", "METRICS", "ATTRIBUTE_TYPES"]
+
+METRICS = ("l2", "ip", "cosine")
+ATTRIBUTE_TYPES = ("int", "float", "keyword", "keywords", "bool")
+_SEARCH_KEYS = {"nprobe", "prune_ratio", "rerank"}
+
+
+def check_settings(dim: object, metric: object, attributes: object) -> dict:
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise InvalidType(f"dim must be an int, got {dim!r}")
+    if not 1 <= int(dim) <= 65_536:
+        raise InvalidArgument(f"dim must be from 1 to 65536, got {dim}")
+    if metric not in METRICS:
+        raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}")
+    schema: dict[str, str] = {}
+    if attributes is not None:
+        if not isinstance(attributes, Mapping):
+            raise InvalidType(f"attributes must be a dict of name -> type, got {type(attributes).__name__}")
+        for name, kind in attributes.items():
+            if not isinstance(name, str) or not name or name.startswith("$"):
+                raise InvalidArgument(f"attribute name {name!r} must be a non-empty str not starting with '$'")
+            if kind not in ATTRIBUTE_TYPES:
+                raise InvalidArgument(f"attribute {name!r} has type {kind!r}; use one of {ATTRIBUTE_TYPES}")
+            schema[name] = kind
+    return {"dim": int(dim), "metric": metric, "attributes": schema}
+
+
+class Collection:
+    """Vectors with int64 ids; see the module docstring. Get one from :class:`Database`."""
+
+    def __init__(self, db, name: str, *, memory_cache: int | None, flush_rows: int, auto_index_rows: int) -> None:
+        self.db = db
+        self.name = name
+        self.tier = db.tier
+        self.prefix = f"collections/{name}"
+        self.memory_cache = memory_cache
+        self.flush_rows = flush_rows
+        self.auto_index_rows = auto_index_rows
+        self._lock = threading.RLock()
+        self._log = ManifestLog(self.tier, self.prefix)
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def _create(self, settings: dict) -> None:
+        state = {"settings": settings, "generation": 1, "checkpoint": 0, "index": None, "rows": None,
+                 "vectors": None, "wal_lsn": 0, "index_params": None}
+        self._log.commit(state, expected_version=None)
+        self._open()
+
+    def _open(self) -> None:
+        manifest = self._log.latest()
+        if manifest is None:
+            raise NotFound(f"collection {self.name!r} does not exist")
+        self._manifest = manifest
+        state = manifest.thawed_state()
+        self.settings = state["settings"]
+        self.dim = int(self.settings["dim"])
+        self.metric = self.settings["metric"]
+        self._index_metric = "l2" if self.metric == "l2" else "ip"
+        self._gen = int(state["generation"])
+        self._checkpoint = int(state["checkpoint"])
+        self._index_params = IndexParams.from_json(state["index_params"]) if state["index_params"] else None
+        self.vectors = VectorStore(self.tier, self._gen_prefix, self.dim, chunks=state["vectors"])
+        if state["rows"]:
+            blob = decode_blob(self.tier.get(state["rows"]), source=state["rows"])
+            self.rows = RowTable(np.frombuffer(blob.section("ids"), "<i8").copy(),
+                                 np.frombuffer(blob.section("live"), np.uint8).astype(bool),
+                                 np.frombuffer(blob.section("row_list"), "<i4").copy())
+        else:
+            self.rows = RowTable()
+        self.index = None
+        if state["index"]:
+            self.index = SpannIndex.open(self.tier, state["index"], cache_bytes=self.memory_cache,
+                                         coalesce_gap=self.db.coalesce_gap)
+        self._indexed_rows = self.rows.n if self.index is not None else 0
+        if self.memory_cache is None or self.index is None:
+            self.vectors.load_all()
+        self._reset_delta()
+        self._wal = WriteAheadLog(self.tier, f"{self.prefix}")
+        for _, record in self._wal.replay(after=int(state["wal_lsn"])):
+            if isinstance(record, UpsertRecord):
+                self._apply_upsert(record)
+            else:
+                self._apply_delete(record.ids)
+
+    @property
+    def _gen_prefix(self) -> str:
+        return f"{self.prefix}/g{self._gen:06d}"
+
+    def _reset_delta(self) -> None:
+        """The exact part of search: rows from ``_indexed_rows`` on (all rows when there is no index)."""
+        self._flat = faiss.IndexFlatL2(self.dim) if self._index_metric == "l2" else faiss.IndexFlatIP(self.dim)
+        if self.vectors.rows > self._indexed_rows:
+            self._flat.add(self.vectors.load_all()[self._indexed_rows:])
+        self._delta_x: list[np.ndarray] = []
+        self._delta_attrs: list = []
+        self._dead_indexed: list[np.ndarray] = []
+        # Dead rows inside the exact part: a search asks it for k + this many, so k live remain.
+        self._flat_dead = int(np.count_nonzero(~self.rows.live[self._indexed_rows:]))
+
+    def close(self) -> None:
+        """Checkpoint what the WAL holds (when there is any) and release memory. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._pending():
+                self.flush()
+            self._closed = True
+            self.index = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            from ..errors import StoreClosed
+            raise StoreClosed(f"collection {self.name!r} is closed")
+
+    def __repr__(self) -> str:
+        return f"<Collection {self.name!r} dim={self.dim} metric={self.metric!r}>"
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare_vectors(self, vectors: object, count: int | None) -> np.ndarray:
+        arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+        if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
+            raise InvalidType(f"vectors must be numeric, got dtype {arr.dtype}")
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise InvalidArgument(f"vectors must have shape (n, {self.dim}) for collection {self.name!r} "
+                                  f"(dim {self.dim}), got {np.shape(vectors)}")
+        if count is not None and arr.shape[0] != count:
+            raise InvalidArgument(f"{arr.shape[0]} vectors for {count} ids; give one vector per id")
+        with np.errstate(over="ignore"):
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            row = int(np.flatnonzero(~np.isfinite(arr).all(axis=1))[0])
+            raise InvalidArgument(f"vectors contain NaN or infinity (first in row {row}); drop or repair those rows")
+        if self.metric == "cosine":
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+            if (norms == 0).any():
+                row = int(np.flatnonzero(norms[:, 0] == 0)[0])
+                raise InvalidArgument(f"row {row} is the zero vector, which has no cosine similarity")
+            arr = arr / norms
+        return arr
+
+    # ------------------------------------------------------------------ writes
+    def add(self, ids: object, vectors: object, attributes: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Insert or replace (upsert) ``vectors`` under ``ids``; durable on return. Returns the count."""
+        with self._lock:
+            self._check_open()
+            if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+                ids = [ids]
+            record = UpsertRecord(ids, self._prepare_vectors(vectors, len(np.atleast_1d(np.asarray(ids)))),
+                                  attributes)
+            self._check_attributes(record.attributes)
+            self._wal.append(record)
+            self._apply_upsert(record)
+            if len(self._delta_x) and self._pending() >= self.flush_rows:
+                self.flush()
+            return len(record)
+
+    def _check_attributes(self, attributes) -> None:
+        if attributes is None:
+            return
+        schema = self.settings["attributes"]
+        for i, item in enumerate(attributes):
+            for name in item:
+                if schema and name not in schema:
+                    raise InvalidArgument(f"attributes[{i}] has {name!r}, which is not in the collection's schema "
+                                          f"{sorted(schema)}")
+
+    def _apply_upsert(self, record: UpsertRecord) -> None:
+        old = self.rows.lookup(record.ids)
+        self._kill(old[old >= 0])
+        self.rows.append(record.ids)
+        self._delta_x.append(np.asarray(record.vectors))
+        self._delta_attrs.extend(record.attributes if record.attributes is not None else [None] * len(record))
+        self._flat.add(record.vectors)
+
+    def delete(self, ids: object) -> int:
+        """Delete ``ids`` (absent ones are ignored); durable on return. Returns how many existed."""
+        with self._lock:
+            self._check_open()
+            if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+                ids = [ids]
+            record = DeleteRecord(ids)
+            rows = self.rows.lookup(record.ids)
+            if not (rows >= 0).any():
+                return 0
+            self._wal.append(record)
+            return self._apply_delete(record.ids)
+
+    def _apply_delete(self, ids: np.ndarray) -> int:
+        rows = np.unique(self.rows.lookup(ids))
+        rows = rows[rows >= 0]
+        self._kill(rows)
+        return int(rows.size)
+
+    def _kill(self, rows: np.ndarray) -> None:
+        if rows.size:
+            self.rows.kill(rows)
+            indexed = rows[rows < self._indexed_rows]
+            if indexed.size:
+                self._dead_indexed.append(indexed)
+            self._flat_dead += int(rows.size - indexed.size)
+
+    def _pending(self) -> int:
+        return (self.rows.n - self.vectors.rows) + sum(a.size for a in self._dead_indexed)
+
+    # ------------------------------------------------------------- checkpoints
+    def flush(self) -> None:
+        """Fold the WAL into the stored state: vectors, index lists (LIRE), row table, manifest."""
+        with self._lock:
+            self._check_open()
+            if not self._pending() and self._wal.last_lsn == self._manifest.state["wal_lsn"]:
+                return
+            lsn = self._wal.last_lsn
+            stats = {}
+            if self.rows.n > self.vectors.rows:
+                new_x = np.concatenate(self._delta_x)
+                self.vectors.append(new_x, self._delta_attrs if any(a is not None for a in self._delta_attrs) else None)
+            if self.index is not None:
+                new_rows = np.arange(self._indexed_rows, self.rows.n, dtype=np.int64)
+                new_x = self.vectors.read_rows(new_rows) if new_rows.size else np.zeros((0, self.dim), np.float32)
+                dead = np.unique(np.concatenate(self._dead_indexed)) if self._dead_indexed else np.zeros(0, np.int64)
+                stats = self.index.update(new_rows, new_x, dead, self.rows._list, self.rows.live_full,
+                                          self.vectors.read_rows)
+                self._indexed_rows = self.rows.n
+            elif self.rows.count() >= self.auto_index_rows:
+                self._build(self._index_params or IndexParams(), lsn)
+                return
+            self._commit(lsn)
+            self._last_update = stats
+
+    def _commit(self, lsn: int) -> None:
+        self._checkpoint += 1
+        rows_key = f"{self._gen_prefix}/rows-{self._checkpoint:06d}"
+        self.tier.put(rows_key, encode_blob({"kind": "row-table", "format": 1, "rows": self.rows.n}, sections={
+            "ids": self.rows.ids, "live": self.rows.live.astype(np.uint8), "row_list": self.rows.row_list},
+            align=64))
+        index_key = None
+        if self.index is not None:
+            index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}"
+            self.index.save(index_key)
+        old = self._manifest.state
+        state = {"settings": self.settings, "generation": self._gen, "checkpoint": self._checkpoint,
+                 "index": index_key, "rows": rows_key, "vectors": self.vectors.state(), "wal_lsn": lsn,
+                 "index_params": self._index_params.to_json() if self._index_params else None}
+        self._manifest = self._log.commit(state, expected_version=self._manifest.version)
+        self._wal.truncate(lsn)
+        self.rows.reindex()
+        self._reset_delta()
+        self._collect_garbage(old)
+
+    def _collect_garbage(self, old: Mapping) -> None:
+        """Delete blobs the new state no longer names (after the commit: a crash only leaks)."""
+        doomed = [k for k in (old.get("rows"), old.get("index")) if k and k not in (self._manifest.state["rows"],
+                                                                                   self._manifest.state["index"])]
+        if int(old.get("generation", self._gen)) != self._gen:
+            doomed = self.tier.list(f"{self.prefix}/g{int(old['generation']):06d}/")
+        elif self.index is not None:
+            live = self.index.live_segments()
+            doomed += [k for k in self.tier.list(f"{self._gen_prefix}/seg/") if k not in live]
+        for key in doomed:
+            self.tier.delete(key)
+        self._log.prune(keep=2)
+
+    def build_index(self, **params: Any) -> dict:
+        """(Re)build the index over every live vector; ``params`` are :class:`IndexParams` fields.
+
+        Returns build statistics. Rows are compacted (deleted vectors dropped) into a new
+        generation; the old one is deleted after the commit.
+        """
+        with self._lock:
+            self._check_open()
+            index_params = IndexParams(**params)
+            if self.rows.count() == 0:
+                raise InvalidArgument(f"collection {self.name!r} is empty; add vectors before building an index")
+            return self._build(index_params, self._wal.last_lsn)
+
+    def _build(self, params: IndexParams, lsn: int) -> dict:
+        started = time.perf_counter()
+        live_rows = np.flatnonzero(self.rows.live)
+        stored = live_rows[live_rows < self.vectors.rows]
+        parts = [self.vectors.read_rows(stored)]
+        if self._delta_x:
+            delta = np.concatenate(self._delta_x)
+            fresh = live_rows[live_rows >= self.vectors.rows]
+            parts.append(delta[fresh - self.vectors.rows])
+        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        attrs = self._all_attributes(live_rows)
+        ids = self.rows.ids[live_rows]
+        self._gen += 1
+        self._checkpoint = 0
+        vectors = VectorStore(self.tier, self._gen_prefix, self.dim)
+        vectors.append(x, attrs)
+        index, assignment = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
+                                             params=params, cache_bytes=self.memory_cache,
+                                             coalesce_gap=self.db.coalesce_gap)
+        self.vectors, self.index, self._index_params = vectors, index, params
+        self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
+        self._indexed_rows = self.rows.n
+        if self.memory_cache is None:
+            self.vectors.resident = x
+        self._commit(lsn)
+        return {"vectors": int(ids.size), "lists": index.nlist, "seconds": time.perf_counter() - started,
+                "list_bytes": index.directory.total_bytes(), "quantizer": params.quantizer}
+
+    def _all_attributes(self, rows: np.ndarray) -> list | None:
+        stored = self.vectors.attributes() if self.vectors.rows else []
+        every = stored + list(self._delta_attrs)
+        if not any(a is not None for a in every):
+            return None
+        return [every[r] for r in rows.tolist()]
+
+    # ------------------------------------------------------------------ search
+    def search(self, x: object, k: int = 10, **params: Any) -> SearchResult:
+        """The ``k`` nearest live vectors of each query ``x`` (``(dim,)`` or ``(nq, dim)``).
+
+        Keyword ``params`` are :class:`~tierstore.index.params.SearchParams` fields
+        (``nprobe``, ``prune_ratio``, ``rerank``). ``k`` larger than the collection returns
+        what exists, padded with id -1 and distance inf.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InvalidType(f"k must be an int, got {k!r}")
+        if k <= 0:
+            raise InvalidArgument(f"k must be >= 1, got {k}")
+        sp = _search_params(params) if params else _DEFAULT_SEARCH
+        xq = self._prepare_vectors(x, None)
+        k = int(k)
+        with self._lock:
+            self._check_open()
+            parts = []
+            stats: dict[str, Any] = {}
+            live = self.rows.live_full
+            if self.index is not None and self._indexed_rows:
+                # Without rerank still ask for 2k: replicas of one vector take several slots.
+                candidates = k * sp.rerank if sp.rerank else 2 * k
+                index = self.index
+                if index.cache_bytes is None and sp.prune_ratio is None:
+                    scores, rows = index.search_codes(xq, sp.nprobe, candidates)
+                    stats = {"lists_probed": xq.shape[0] * min(sp.nprobe, index.nlist)}
+                else:
+                    before = (index.fetch_rounds, index.fetched_requests, index.fetched_bytes)
+                    coarse, lists = index.probe(xq, sp.nprobe, sp.prune_ratio)
+                    scores, rows = index.scan(xq, coarse, lists, candidates)
+                    stats = {"lists_probed": int((lists >= 0).sum()),
+                             "list_fetch_rounds": index.fetch_rounds - before[0],
+                             "list_requests": index.fetched_requests - before[1],
+                             "list_bytes": index.fetched_bytes - before[2]}
+                if sp.rerank:
+                    vectors = self.vectors.resident
+                    parts.append(rerank(xq, rows, k, live=live, metric=self._index_metric, vectors=vectors,
+                                        read_vectors=None if vectors is not None else self.vectors.read_rows))
+                else:
+                    parts.append(self._code_topk(scores, rows, k, live))
+            if self._flat.ntotal:
+                scores, local = self._flat.search(xq, min(k + self._flat_dead, self._flat.ntotal))
+                rows = np.where(local >= 0, local + self._indexed_rows, -1)
+                distances = scores if self._index_metric == "l2" else -scores
+                ok = rows >= 0
+                ok[ok] = live[rows[ok]]
+                parts.append((np.where(ok, distances, np.inf).astype(np.float32), np.where(ok, rows, -1)))
+            if not parts:
+                return SearchResult(np.full((xq.shape[0], k), -1, np.int64),
+                                    np.full((xq.shape[0], k), np.inf, np.float32), stats)
+            distances, rows = merge_topk(parts, k)
+            ids = np.where(rows >= 0, self.rows._ids[np.maximum(rows, 0)], -1)
+        if self.metric == "cosine":
+            distances = distances + 1.0
+        return SearchResult(ids, distances.astype(np.float32, copy=False), stats)
+
+    def _code_topk(self, scores: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
+        distances = scores if self._index_metric == "l2" else -scores
+        return rerank_free(distances, rows, k, live)
+
+    # ------------------------------------------------------------------- facts
+    def count(self) -> int:
+        """Live vectors (WAL included)."""
+        with self._lock:
+            return self.rows.count()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts, index shape and resident memory."""
+        with self._lock:
+            out: dict[str, Any] = {"name": self.name, "dim": self.dim, "metric": self.metric,
+                                   "count": self.rows.count(), "rows": self.rows.n,
+                                   "deleted_rows": self.rows.n - self.rows.count(),
+                                   "unindexed_rows": int(self._flat.ntotal), "wal_records": len(self._wal),
+                                   "manifest_version": self._manifest.version, "index": None}
+            vector_bytes = self.vectors.resident_bytes()
+            if self.index is not None:
+                out["index"] = {"lists": self.index.nlist, "quantizer": self.index.codes.name,
+                                "list_bytes": self.index.directory.total_bytes(),
+                                "resident_bytes": self.index.resident_bytes(),
+                                "params": self._index_params.to_json() if self._index_params else None}
+            out["resident_bytes"] = (vector_bytes + (out["index"]["resident_bytes"] if out["index"] else 0)
+                                     + self.rows._ids.nbytes + self.rows._live.nbytes + self.rows._list.nbytes
+                                     + self.rows._sorted_ids.nbytes * 2 + int(self._flat.ntotal) * self.dim * 4)
+            out["raw_vector_bytes"] = self.rows.count() * self.dim * 4
+            return out
+
+
+_DEFAULT_SEARCH = SearchParams()
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_params(items: tuple) -> SearchParams:
+    return SearchParams(**dict(items))
+
+
+def _search_params(params: dict) -> SearchParams:
+    unknown = params.keys() - _SEARCH_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown search parameter(s) {sorted(unknown)}; use {sorted(_SEARCH_KEYS)}")
+    try:
+        return _cached_params(tuple(sorted(params.items())))
+    except TypeError:  # an unhashable value: validate it uncached (it will be rejected)
+        return SearchParams(**params)
+
+
+def rerank_free(distances: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
+    """Top-k by code distances, dropping replicas and tombstones (``rerank=0``)."""
+    rows = rows.copy()
+    distances = distances.astype(np.float32, copy=True)
+    srt = np.argsort(rows, axis=1, kind="stable")
+    r = np.take_along_axis(rows, srt, 1)
+    dup = np.zeros_like(r, dtype=bool)
+    dup[:, 1:] = r[:, 1:] == r[:, :-1]
+    bad_sorted = dup | (r < 0)
+    bad = np.empty_like(bad_sorted)
+    np.put_along_axis(bad, srt, bad_sorted, 1)
+    bad |= ~live[np.maximum(rows, 0)]
+    distances[bad] = np.inf
+    return merge_topk([(distances, rows)], k)

@@ -1,0 +1,187 @@
+"""The database: a tier holding collections, opened with :func:`tierstore.connect`.
+
+``connect("./data")`` keeps everything in one LMDB environment under that directory
+(posting segments, vector chunks, manifests and WAL records are all blobs by key).
+``connect("s3://bucket/prefix", endpoint_url=...)`` keeps them in S3; give
+``cache_dir=`` to put a local file tier in front of it (read-through, write-through).
+
+``memory_cache`` decides what a collection keeps in memory: ``None`` (default) loads
+its posting lists and full-precision vectors (fastest search); a byte count keeps only
+the centroids, the posting directory and at most that many bytes of recently probed
+lists, and reads reranking vectors from the tier per query (the tiered mode: memory
+far below the size of the vectors).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from ..errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound, StoreClosed
+from ..tiers.base import BaseTier
+from ._names import check_name
+from .collection import Collection, check_settings
+
+__all__ = ["Database", "connect"]
+
+
+def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map_size: int) -> tuple[BaseTier, int]:
+    if uri.startswith("s3://"):
+        from ..tiers.s3 import S3Tier
+
+        bucket, _, prefix = uri[5:].partition("/")
+        if not bucket:
+            raise ConfigError(f"an S3 URI needs a bucket: s3://bucket/prefix, got {uri!r}")
+        tier: BaseTier = S3Tier(bucket, prefix.strip("/"), endpoint_url=endpoint_url, max_concurrency=64)
+        if cache_dir is not None:
+            from ..tiers.file import FileTier
+            from ..tiers.hierarchy import TieredStore
+
+            tier = TieredStore([FileTier(cache_dir), tier], write_policy="write-through")
+        return tier, 256 * 1024
+    if "://" in uri:
+        raise ConfigError(f"unsupported URI {uri!r}: give a local directory path or s3://bucket/prefix")
+    from ..tiers.lmdb import LmdbTier
+
+    os.makedirs(uri, exist_ok=True)
+    return LmdbTier(os.path.join(uri, "tierstore.lmdb"), map_size=map_size), 0
+
+
+class Database:
+    """Collections in one storage location. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, uri: str | os.PathLike, *, endpoint_url: str | None = None, cache_dir: str | None = None,
+                 memory_cache: int | None = None, flush_rows: int = 50_000, auto_index_rows: int = 20_000,
+                 map_size: int = 1 << 30, tier: BaseTier | None = None) -> None:
+        if memory_cache is not None and (isinstance(memory_cache, bool) or not isinstance(memory_cache, int)
+                                         or memory_cache < 0):
+            raise InvalidArgument(f"memory_cache must be None or a byte count >= 0, got {memory_cache!r}")
+        for label, value in (("flush_rows", flush_rows), ("auto_index_rows", auto_index_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{label} must be a positive int, got {value!r}")
+        self.uri = os.fspath(uri) if tier is None else str(uri)
+        if tier is None:
+            if not isinstance(self.uri, str):
+                raise InvalidType(f"uri must be a path or an s3:// URI, got {uri!r}")
+            tier, self.coalesce_gap = _open_tier(self.uri, endpoint_url=endpoint_url, cache_dir=cache_dir,
+                                                 map_size=map_size)
+            self._owns_tier = True
+        else:
+            self.coalesce_gap = 0
+            self._owns_tier = False
+        self.tier = tier
+        self.memory_cache = memory_cache
+        self.flush_rows = flush_rows
+        self.auto_index_rows = auto_index_rows
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Database {self.uri!r}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"database {self.uri!r} is closed")
+
+    def _new(self, name: str) -> Collection:
+        return Collection(self, name, memory_cache=self.memory_cache, flush_rows=self.flush_rows,
+                          auto_index_rows=self.auto_index_rows)
+
+    def create_collection(self, name: str, dim: int, metric: str = "l2", *, attributes: dict[str, str] | None = None,
+                          exist_ok: bool = False) -> Collection:
+        """Create a collection of ``dim``-dimensional vectors compared by ``metric``.
+
+        ``metric``: ``"l2"`` (squared Euclidean), ``"ip"`` (inner product) or ``"cosine"``
+        (vectors are normalised on the way in). ``attributes`` declares the metadata
+        schema (name -> ``"int"``, ``"float"``, ``"keyword"``, ``"keywords"``, ``"bool"``).
+        An existing name raises :class:`AlreadyExists`, unless ``exist_ok`` and the
+        settings match (different settings: :class:`ConfigError`).
+        """
+        name = check_name(name)
+        settings = check_settings(dim, metric, attributes)
+        with self._lock:
+            self._check_open()
+            col = self._new(name)
+            try:
+                col._create(settings)
+            except AlreadyExists:
+                if not exist_ok:
+                    raise AlreadyExists(f"collection {name!r} already exists; open it with db.collection({name!r}) "
+                                        "or pass exist_ok=True") from None
+                col = self._collection(name)
+                if col.settings != settings:
+                    raise ConfigError(f"collection {name!r} exists with {col.settings}, not {settings}; "
+                                      "use another name or drop it first") from None
+                return col
+            self._collections[name] = col
+            return col
+
+    def collection(self, name: str) -> Collection:
+        """Open an existing collection; :class:`NotFound` when there is none by that name."""
+        name = check_name(name)
+        with self._lock:
+            self._check_open()
+            return self._collection(name)
+
+    def _collection(self, name: str) -> Collection:
+        col = self._collections.get(name)
+        if col is None or col._closed:
+            col = self._new(name)
+            col._open()
+            self._collections[name] = col
+        return col
+
+    def list_collections(self) -> list[str]:
+        """Names of the collections, sorted."""
+        self._check_open()
+        names = set()
+        for key in self.tier.list("collections/"):
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[2] == "manifest":
+                names.add(parts[1])
+        return sorted(names)
+
+    def drop_collection(self, name: str) -> None:
+        """Delete a collection and all its data; :class:`NotFound` when absent."""
+        name = check_name(name)
+        with self._lock:
+            self._check_open()
+            prefix = f"collections/{name}/"
+            keys = self.tier.list(prefix)
+            manifests = [k for k in keys if k.startswith(prefix + "manifest/")]
+            if not manifests:
+                raise NotFound(f"collection {name!r} does not exist")
+            col = self._collections.pop(name, None)
+            if col is not None:
+                col._closed = True
+            for key in manifests:  # first: the collection disappears before its data does
+                self.tier.delete(key)
+            for key in keys:
+                if key not in manifests:
+                    self.tier.delete(key)
+
+    def close(self) -> None:
+        """Checkpoint and close every open collection, then the tier. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                for col in self._collections.values():
+                    col.close()
+            finally:
+                self._closed = True
+                if self._owns_tier:
+                    self.tier.close()
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(uri: str | os.PathLike, **options: Any) -> Database:
+    """Open the database at ``uri`` (a directory, or ``s3://bucket/prefix``); see :class:`Database`."""
+    return Database(uri, **options)

@@ -1,0 +1,174 @@
+"""Code formats scanned by faiss kernels: SQ8, SQ4, RaBitQ and 4-bit PQ fast-scan.
+
+A :class:`FaissCodes` is a trained, empty faiss ``IndexIVF`` over the index's own
+centroids. It does three jobs:
+
+* :meth:`FaissCodes.encode_lists` turns vectors and their (replicated) list numbers into
+  the stored bytes of each posting list: exactly the bytes faiss keeps in its inverted
+  lists, so loading a list is one ``add_entries`` memcpy (fast-scan formats store their
+  32-vector blocks already packed);
+* :meth:`FaissCodes.new_scanner` gives an empty clone whose inverted lists a cache
+  fills from fetched blobs, scanned with ``search_preassigned`` (faiss's SIMD kernels;
+  list numbers ``-1`` are skipped, which is how pruned probes are dropped);
+* :meth:`FaissCodes.to_bytes` / :meth:`FaissCodes.from_bytes` persist the trained codec
+  (``faiss.serialize_index`` of the empty index; faiss's own format, never pickle).
+
+Formats, all encoding the residual to the list centroid:
+
+=========  ====================================  ============  =========================
+name       faiss index                            bytes/vector  notes
+=========  ====================================  ============  =========================
+``sq8``    IndexIVFScalarQuantizer QT_8bit        d             per-dimension ranges
+``sq4``    IndexIVFScalarQuantizer QT_4bit        d / 2         per-dimension ranges
+``rabitq`` IndexIVFRaBitQ                         d / 8 + 8     1 bit/dim plus factors
+``pq4fs``  IndexIVFPQFastScan (M = d/2, 4 bits)   d / 4         SIMD fast-scan, blocks of 32
+=========  ====================================  ============  =========================
+
+The OSQ format (variance-based bit allocation, SQUASH) lives in :mod:`.osq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from ...errors import CorruptData, InvalidArgument
+
+__all__ = ["FaissCodes", "FAISS_FORMATS", "load_list", "clear_list"]
+
+FAISS_FORMATS = ("sq8", "sq4", "rabitq", "pq4fs")
+_TRAIN_SAMPLE = 65_536
+
+
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def _make_ivf(name: str, quantizer: faiss.Index, d: int, nlist: int, metric: str) -> faiss.IndexIVF:
+    fm = _faiss_metric(metric)
+    if name == "sq8":
+        return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, fm)
+    if name == "sq4":
+        return faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_4bit, fm)
+    if name == "rabitq":
+        return faiss.IndexIVFRaBitQ(quantizer, d, nlist, fm)
+    if name == "pq4fs":
+        if d % 2:
+            raise InvalidArgument(f"quantizer 'pq4fs' needs an even dimension, got {d}; use 'sq8' or 'rabitq'")
+        return faiss.IndexIVFPQFastScan(quantizer, d, nlist, d // 2, 4, fm)
+    raise InvalidArgument(f"unknown faiss code format {name!r}; choose one of {FAISS_FORMATS}")
+
+
+def _flat_quantizer(centroids: np.ndarray, metric: str) -> faiss.Index:
+    d = centroids.shape[1]
+    quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    return quantizer
+
+
+@dataclass(eq=False)
+class FaissCodes:
+    """A trained faiss code format bound to a set of centroids (see the module docstring)."""
+
+    name: str
+    metric: str
+    index: faiss.IndexIVF
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def train(cls, name: str, x: np.ndarray, centroids: np.ndarray, *, metric: str, seed: int = 0) -> "FaissCodes":
+        """Train format ``name`` on a sample of ``x`` (residuals to ``centroids``)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        d, nlist = x.shape[1], centroids.shape[0]
+        index = _make_ivf(name, _flat_quantizer(centroids, metric), d, nlist, metric)
+        if x.shape[0] > _TRAIN_SAMPLE:
+            rows = np.random.default_rng(seed).choice(x.shape[0], _TRAIN_SAMPLE, replace=False)
+            x = x[np.sort(rows)]
+        if name == "pq4fs":
+            index.pq.cp.seed = seed
+            index.by_residual = True  # faiss defaults to coding raw vectors here: far less accurate
+        index.train(x)
+        return cls(name, metric, index)
+
+    @classmethod
+    def from_bytes(cls, name: str, metric: str, data: bytes) -> "FaissCodes":
+        """Load a codec written by :meth:`to_bytes`; damage raises :class:`CorruptData`."""
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise CorruptData(f"the stored {name!r} codec cannot be read by faiss: {exc}") from exc
+        if not isinstance(index, faiss.IndexIVF) or index.ntotal != 0:
+            raise CorruptData(f"the stored {name!r} codec is not an empty faiss IVF index")
+        return cls(name, metric, index)
+
+    def to_bytes(self) -> bytes:
+        return faiss.serialize_index(self.index).tobytes()
+
+    # ------------------------------------------------------------------- layout
+    @property
+    def code_size(self) -> int:
+        return int(self.index.code_size)
+
+    @property
+    def blocked(self) -> bool:
+        """True for fast-scan formats, whose lists are stored as packed 32-vector blocks."""
+        return isinstance(self.index, faiss.IndexIVFFastScan)
+
+    def list_code_bytes(self, count: int) -> int:
+        """Bytes of the codes of a list of ``count`` vectors."""
+        if self.blocked:
+            packer = self.index.get_CodePacker()
+            try:
+                return -(-count // packer.nvec) * packer.block_size
+            finally:
+                del packer
+        return count * self.code_size
+
+    def encode_lists(self, x: np.ndarray, list_nos: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+        """Codes of each list: ``x`` rows grouped by list (CSR ``offsets``), ``list_nos`` per row."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        list_nos = np.ascontiguousarray(list_nos, dtype=np.int64)
+        codes = np.empty((x.shape[0], self.code_size), dtype=np.uint8)
+        if x.shape[0]:
+            self.index.encode_vectors(x.shape[0], faiss.swig_ptr(x), faiss.swig_ptr(list_nos),
+                                      faiss.swig_ptr(codes), False)
+        nlists = len(offsets) - 1
+        if not self.blocked:
+            return [codes[offsets[i]:offsets[i + 1]].tobytes() for i in range(nlists)]
+        packer = self.index.get_CodePacker()
+        nvec, block = packer.nvec, packer.block_size
+        out = []
+        for i in range(nlists):
+            count = int(offsets[i + 1] - offsets[i])
+            blocks = -(-count // nvec)
+            flat = np.zeros((blocks * nvec, self.code_size), dtype=np.uint8)
+            flat[:count] = codes[offsets[i]:offsets[i + 1]]
+            packed = np.zeros(blocks * block, dtype=np.uint8)
+            for b in range(blocks):  # build time only: one call per 32 vectors
+                packer.pack_all(faiss.swig_ptr(flat[b * nvec:]), faiss.swig_ptr(packed[b * block:]))
+            out.append(packed.tobytes())
+        del packer
+        return out
+
+    # ------------------------------------------------------------------ scanning
+    def new_scanner(self) -> faiss.IndexIVF:
+        """An empty clone (own inverted lists and coarse quantizer) to fill and scan."""
+        return faiss.clone_index(self.index)
+
+    def memory_bytes(self) -> int:
+        """Resident bytes of the trained codec and its coarse quantizer."""
+        return int(faiss.serialize_index(self.index).size)
+
+
+def load_list(scanner: faiss.IndexIVF, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
+    """Put a fetched list into an empty slot of ``scanner``'s inverted lists (one memcpy)."""
+    scanner.invlists.add_entries(int(list_no), int(ids.shape[0]), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    scanner.ntotal += int(ids.shape[0])
+
+
+def clear_list(scanner: faiss.IndexIVF, list_no: int) -> None:
+    """Empty one list of ``scanner`` (faiss keeps its capacity until the scanner is replaced)."""
+    scanner.ntotal -= int(scanner.invlists.list_size(int(list_no)))
+    scanner.invlists.resize(int(list_no), 0)

@@ -1,0 +1,97 @@
+"""Exact rerank and top-k merging: pure, vectorised over queries and candidates.
+
+Candidates from the code scan arrive as internal rows ``(nq, c)``, ``-1`` padded, with
+replicas (a boundary vector is stored in several lists, so it can come back more than
+once) and tombstoned rows among them. :func:`rerank` drops both, computes exact
+distances from full-precision vectors and keeps the best ``k``. Distances are always
+"smaller is better": squared L2 for ``"l2"``, negative inner product for ``"ip"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+__all__ = ["rerank", "merge_topk", "exact_distances"]
+
+
+def exact_distances(xq: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Distances between each query ``(nq, d)`` and its candidates ``(nq, c, d)``."""
+    dots = np.einsum("qcd,qd->qc", vectors, xq)
+    if metric == "l2":
+        return np.einsum("qcd,qcd->qc", vectors, vectors) - 2.0 * dots + np.einsum("qd,qd->q", xq, xq)[:, None]
+    return -dots
+
+
+def _top(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` columns per row, sorted; rows with infinite distance become -1."""
+    nq, width = distances.shape
+    line = np.arange(nq)[:, None]
+    if width > k:
+        part = np.argpartition(distances, k - 1, axis=1)[:, :k]
+        distances, rows = distances[line, part], rows[line, part]
+    order = np.argsort(distances, axis=1, kind="stable")
+    distances, rows = distances[line, order], rows[line, order]
+    rows[np.isinf(distances)] = -1
+    if width < k:
+        distances = np.pad(distances, ((0, 0), (0, k - width)), constant_values=np.inf)
+        rows = np.pad(rows, ((0, 0), (0, k - width)), constant_values=-1)
+    return distances, rows
+
+
+_PAST = np.iinfo(np.int64).max
+
+
+def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray, metric: str,
+           vectors: np.ndarray | None = None,
+           read_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of candidate ``rows``: ``(distances (nq, k), rows (nq, k))``, inf / -1 padded.
+
+    Give the resident ``vectors`` (float32 C-contiguous, indexed by row) or
+    ``read_vectors(unique_rows)``. ``live`` must cover every row that can appear. The
+    distances are computed by faiss's ``knn_*_by_idx`` kernels (~3 us for 40 candidates
+    of 384 dims), which stop at the first -1 of a row: valid candidates go first.
+    """
+    rows = np.sort(rows, axis=1)
+    bad = rows < 0
+    bad[:, 1:] |= rows[:, 1:] == rows[:, :-1]
+    rows[bad] = 0
+    bad |= ~live[rows]
+    rows[bad] = _PAST
+    rows.sort(axis=1)
+    rows[rows == _PAST] = -1
+    if vectors is None:
+        wanted = np.unique(rows[rows >= 0])
+        vectors = read_vectors(wanted) if wanted.size else np.zeros((1, xq.shape[1]), np.float32)
+        local = np.where(rows >= 0, np.searchsorted(wanted, rows), -1)
+    else:
+        wanted, local = None, rows
+    nq, width = rows.shape
+    kk = min(k, width)
+    distances = np.empty((nq, kk), dtype=np.float32)
+    found = np.empty((nq, kk), dtype=np.int64)
+    kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
+    local = np.ascontiguousarray(local)
+    kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(local), xq.shape[1], nq, vectors.shape[0],
+           width, kk, faiss.swig_ptr(distances), faiss.swig_ptr(found), width)
+    missing = found < 0
+    if metric != "l2":
+        np.negative(distances, out=distances)
+    distances[missing] = np.inf
+    if wanted is not None:
+        found = np.where(missing, -1, wanted[np.maximum(found, 0)] if wanted.size else -1)
+    if kk < k:
+        distances = np.pad(distances, ((0, 0), (0, k - kk)), constant_values=np.inf)
+        found = np.pad(found, ((0, 0), (0, k - kk)), constant_values=-1)
+    return distances, found
+
+
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge ``(distances, rows)`` results of the same queries into one top-``k`` (exactly ``k`` wide)."""
+    if len(parts) == 1 and parts[0][0].shape[1] == k:
+        return parts[0]
+    distances = np.concatenate([d for d, _ in parts], axis=1)
+    rows = np.concatenate([r for _, r in parts], axis=1)
+    return _top(distances, rows, k)

@@ -1,0 +1,451 @@
+"""The SPANN-style index: resident centroids, posting lists in the tiers, faiss scanning.
+
+Build (:meth:`SpannIndex.build`): balanced two-level k-means into lists of about
+``target_list_size`` (:mod:`.clustering`), boundary replication by the RNG rule
+(:mod:`.replication`), codes from the chosen quantizer (:mod:`.quant`), lists
+coalesced into segment blobs (:mod:`.postings`). What stays resident: centroids, the
+trained codec, the posting directory and whatever posting lists the cache holds.
+
+Search (:meth:`SpannIndex.search`): nearest centroids (faiss flat scan; pruned lists
+become ``-1``), the probed lists that are not cached fetched in one round of ranged
+reads, codes scanned by faiss's ``search_preassigned`` into ``candidates`` rows.
+Reranking, de-duplication of replicas and tombstones are the caller's
+(:mod:`.searcher`), which holds the full-precision vectors.
+
+Cache: ``cache_bytes=None`` loads every list at open (the in-memory mode). A byte budget
+keeps the most recently probed lists, evicting least recently used ones; faiss keeps
+the capacity of an emptied list, so once evicted bytes exceed the budget the scanner is
+rebuilt from the lists it still holds (amortised, rare).
+
+Updates (:meth:`SpannIndex.update`, SPFresh's LIRE): new rows go to their nearest lists
+(with replicas); lists with deleted rows are rewritten without them; a list longer than
+``max_list_size`` is split by 2-means into a spare list slot and the vectors of it and
+its nearest neighbours are reassigned among them; a list that falls under a quarter of
+``target_list_size`` is retired and its vectors reassigned to its neighbours. Only the
+lists touched are re-encoded and written (as new segments), never the whole index.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+from ..errors import CorruptData, InvalidArgument
+from ..store.blob import decode_blob, encode_blob
+from .clustering import assign_nearest, balanced_kmeans
+from .params import IndexParams
+from .postings import (PostingDirectory, empty_directory, fetch_lists, list_bytes, write_segments)
+from .quant import FaissCodes, clear_list, load_list
+from .replication import group_posting_lists, replicate_boundary
+
+__all__ = ["SpannIndex"]
+
+_NEIGHBOURS = 8
+ReadVectors = Callable[[np.ndarray], np.ndarray]
+
+
+def _set_centroid(quantizer: faiss.IndexFlat, list_no: int, vector: np.ndarray) -> None:
+    xb = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d).reshape(quantizer.ntotal, -1)
+    xb[list_no] = vector
+
+
+class SpannIndex:
+    """A built index over rows ``0..n-1`` (see the module docstring)."""
+
+    def __init__(self, *, tier, prefix: str, metric: str, dim: int, params: IndexParams, centroids: np.ndarray,
+                 active: np.ndarray, codes: FaissCodes, directory: PostingDirectory, next_segment: int,
+                 cache_bytes: int | None, coalesce_gap: int = 0) -> None:
+        self.tier = tier
+        self.prefix = prefix
+        self.metric = metric
+        self.dim = dim
+        self.params = params
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.active = np.asarray(active, dtype=bool)
+        self.codes = codes
+        self.directory = directory
+        self.next_segment = next_segment
+        self.cache_bytes = cache_bytes
+        self.coalesce_gap = coalesce_gap
+        self.fetch_rounds = 0
+        self.fetched_requests = 0
+        self.fetched_bytes = 0
+        self._moved: set[int] = set()
+        self._reset_coarse()
+        self._new_scanner()
+        if cache_bytes is None:
+            self._load(np.flatnonzero(self.directory.segment >= 0))
+
+    # ------------------------------------------------------------------ coarse
+    def _reset_coarse(self) -> None:
+        self.active_lists = np.flatnonzero(self.active).astype(np.int64)
+        self._identity = bool(self.active.all())
+        d = self.dim
+        self.coarse = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
+        self.coarse.add(self.centroids[self.active_lists])
+        self._centroid_norms = np.einsum("nd,nd->n", self.centroids, self.centroids)
+        # The scanner's own quantizer: the active centroids labelled with their list slots,
+        # so one faiss call (IndexIVF::search) does coarse search and scan in C++.
+        flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
+        self._slot_coarse = faiss.IndexIDMap2(flat)
+        self._slot_coarse.own_fields = True
+        flat.this.disown()
+        self._slot_coarse.add_with_ids(self.centroids[self.active_lists], self.active_lists)
+        if getattr(self, "scanner", None) is not None:
+            self._attach_coarse(self.scanner)
+
+    def _attach_coarse(self, scanner: faiss.IndexIVF) -> None:
+        previous = scanner.quantizer
+        if scanner.own_fields and previous.this.own() is False:
+            previous.this.acquire()  # the clone's own quantizer: Python frees it from now on
+        scanner.own_fields = False
+        scanner.quantizer = self._slot_coarse
+        self._previous_coarse = previous
+
+    def _new_scanner(self) -> None:
+        self.scanner = self.codes.new_scanner()
+        self._attach_coarse(self.scanner)
+        self.loaded = np.zeros(self.directory.nlist, dtype=bool)
+        self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._cached = 0
+        self._garbage = 0
+
+    @property
+    def nlist(self) -> int:
+        return int(self.active.sum())
+
+    # ------------------------------------------------------------------- build
+    @classmethod
+    def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
+              cache_bytes: int | None = None, coalesce_gap: int = 0) -> tuple["SpannIndex", np.ndarray]:
+        """Partition, replicate, encode and write rows ``0..len(x)-1``; return the index and each row's list."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.shape[0] == 0:
+            raise InvalidArgument("cannot build an index over an empty collection; add vectors first")
+        part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
+                               max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
+        nlist = part.nlist
+        slots = nlist + max(1, math.ceil(nlist * params.spare_lists))
+        centroids = np.zeros((slots, x.shape[1]), dtype=np.float32)
+        centroids[:nlist] = part.centroids
+        active = np.zeros(slots, dtype=bool)
+        active[:nlist] = True
+        codes = FaissCodes.train(params.quantizer, x, centroids, metric=metric, seed=params.seed)
+        lists = replicate_boundary(x, part.centroids, part.assignment, max_replicas=params.max_replicas,
+                                   closure=params.closure, rng_factor=params.rng_factor, metric=metric)
+        offsets, rows = group_posting_lists(lists, slots)
+        list_nos = np.repeat(np.arange(slots), np.diff(offsets))
+        encoded = codes.encode_lists(x[rows], list_nos, offsets)
+        stored = {i: list_bytes(rows[offsets[i]:offsets[i + 1]], encoded[i]) for i in range(nlist)}
+        counts = {i: int(offsets[i + 1] - offsets[i]) for i in range(nlist)}
+        directory = empty_directory(slots)
+        keys = write_segments(tier, prefix, directory, stored, counts, first_segment=0,
+                              segment_bytes=params.segment_bytes)
+        index = cls(tier=tier, prefix=prefix, metric=metric, dim=x.shape[1], params=params, centroids=centroids,
+                    active=active, codes=codes, directory=directory, next_segment=len(keys),
+                    cache_bytes=cache_bytes, coalesce_gap=coalesce_gap)
+        return index, part.assignment
+
+    # -------------------------------------------------------------- persistence
+    def save(self, key: str) -> None:
+        """Write the resident state (centroids, directory, codec) as one blob at ``key``."""
+        d = self.directory
+        header = {"kind": "spann-index", "format": 1, "metric": self.metric, "dim": self.dim,
+                  "params": self.params.to_json(), "slots": d.nlist, "segment_keys": d.segment_keys,
+                  "next_segment": self.next_segment, "quantizer": self.codes.name}
+        sections = {"centroids": self.centroids, "active": self.active.astype(np.uint8),
+                    "codec": self.codes.to_bytes(),
+                    **{f"dir.{name}": np.ascontiguousarray(arr) for name, arr in d.arrays().items()}}
+        self.tier.put(key, encode_blob(header, sections=sections, align=64))
+
+    @classmethod
+    def open(cls, tier, key: str, *, cache_bytes: int | None = None, coalesce_gap: int = 0) -> "SpannIndex":
+        value = tier.get(key)
+        blob = decode_blob(value, source=key)
+        head = blob.header
+        if head.get("kind") != "spann-index" or head.get("format") != 1:
+            raise CorruptData(f"{key!r} is not a tierstore index (header {head!r:.120})")
+        slots, dim = int(head["slots"]), int(head["dim"])
+
+        def arr(name: str, dtype) -> np.ndarray:
+            return np.frombuffer(blob.section(name), dtype=dtype).copy()
+
+        centroids = arr("centroids", "<f4").reshape(slots, dim)
+        directory = PostingDirectory(list(head["segment_keys"]), arr("dir.segment", "<i4"), arr("dir.offset", "<i8"),
+                                     arr("dir.length", "<i8"), arr("dir.count", "<i8"),
+                                     arr("dir.checksum", "<u8"))
+        codes = FaissCodes.from_bytes(head["quantizer"], head["metric"], bytes(blob.section("codec")))
+        return cls(tier=tier, prefix=key.rsplit("/", 1)[0], metric=head["metric"], dim=dim,
+                   params=IndexParams.from_json(head["params"]), centroids=centroids,
+                   active=arr("active", np.uint8).astype(bool), codes=codes, directory=directory,
+                   next_segment=int(head["next_segment"]), cache_bytes=cache_bytes, coalesce_gap=coalesce_gap)
+
+    # ------------------------------------------------------------------- cache
+    def _load(self, list_nos: np.ndarray) -> None:
+        if list_nos.size == 0:
+            return
+        fetched, plan = fetch_lists(self.tier, self.directory, list_nos, coalesce_gap=self.coalesce_gap)
+        self.fetch_rounds += 1
+        self.fetched_requests += len(plan.requests)
+        self.fetched_bytes += plan.bytes
+        for list_no, (ids, codes) in fetched.items():
+            load_list(self.scanner, list_no, ids, codes)
+            self.loaded[list_no] = True
+            if self.cache_bytes is not None:
+                self._lru[list_no] = ids.nbytes + codes.nbytes
+                self._cached += ids.nbytes + codes.nbytes
+
+    def _evict(self, keep: np.ndarray) -> None:
+        keep_set = set(keep.tolist())
+        for list_no in list(self._lru):
+            if self._cached <= self.cache_bytes:
+                break
+            if list_no in keep_set:
+                continue
+            size = self._lru.pop(list_no)
+            clear_list(self.scanner, list_no)
+            self.loaded[list_no] = False
+            self._cached -= size
+            self._garbage += size
+        if self._garbage > max(self.cache_bytes, 1 << 20):
+            self._compact()
+
+    def _compact(self) -> None:
+        old, held = self.scanner, list(self._lru)
+        self.scanner = self.codes.new_scanner()
+        for list_no in held:
+            n = old.invlists.list_size(list_no)
+            ids = faiss.rev_swig_ptr(old.invlists.get_ids(list_no), n).copy()
+            nbytes = self.codes.list_code_bytes(n)
+            codes = faiss.rev_swig_ptr(old.invlists.get_codes(list_no), nbytes).copy()
+            load_list(self.scanner, list_no, ids, codes)
+        self._garbage = 0
+
+    def ensure_loaded(self, lists: np.ndarray) -> None:
+        """Fetch the probed lists that are not cached (one round) and mark all as recently used."""
+        if self.cache_bytes is None:
+            return
+        wanted = np.unique(lists[lists >= 0])
+        missing = wanted[~self.loaded[wanted]]
+        self._load(missing)
+        for list_no in wanted.tolist():
+            if list_no in self._lru:
+                self._lru.move_to_end(list_no)
+        if self._cached > self.cache_bytes:
+            self._evict(wanted)
+
+    def resident_bytes(self) -> int:
+        """Bytes held in memory: centroids, directory, codec, cached lists (with faiss's slack)."""
+        d = self.directory
+        fixed = self.centroids.nbytes * 2 + sum(a.nbytes for a in d.arrays().values()) + self.codes.memory_bytes()
+        if self.cache_bytes is None:
+            return fixed + d.total_bytes()
+        return fixed + self._cached + self._garbage
+
+    # ------------------------------------------------------------------ search
+    def probe(self, xq: np.ndarray, nprobe: int, prune_ratio: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """The lists to scan per query ``(nq, nprobe)`` (-1: pruned or absent) and their coarse scores."""
+        nprobe = min(nprobe, self.active_lists.size)
+        n = xq.shape[0]
+        coarse = np.empty((n, nprobe), dtype=np.float32)
+        lists = np.empty((n, nprobe), dtype=np.int64)
+        self.coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
+        if not self._identity:
+            lists = self.active_lists[lists]
+        if prune_ratio is not None and nprobe > 1:
+            if self.metric == "l2":
+                d2 = coarse
+            else:  # squared L2 from inner products: |q|^2 + |c|^2 - 2 q.c
+                d2 = np.einsum("nd,nd->n", xq, xq)[:, None] + self._centroid_norms[lists] - 2 * coarse
+            lists = np.where(d2 <= prune_ratio * np.maximum(d2[:, :1], 1e-12), lists, -1)
+        return coarse, lists
+
+    def search_codes(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse search and code scan in one faiss call (every list resident, no pruning)."""
+        scanner = self.scanner
+        nprobe = min(nprobe, self.active_lists.size)
+        if scanner.nprobe != nprobe:
+            scanner.nprobe = nprobe
+        n = xq.shape[0]
+        scores = np.empty((n, candidates), dtype=np.float32)
+        rows = np.empty((n, candidates), dtype=np.int64)
+        scanner.search_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(scores), faiss.swig_ptr(rows))
+        return scores, rows
+
+    def scan(self, xq: np.ndarray, coarse: np.ndarray, lists: np.ndarray, candidates: int):
+        """Code-scan the probed lists: ``(scores, rows)`` of the best ``candidates`` per query.
+
+        ``xq`` float32 C-contiguous; ``lists``/``coarse`` from :meth:`probe`. Scores are
+        faiss's: squared L2 (smaller better) or inner product (larger better).
+        """
+        self.ensure_loaded(lists)
+        scanner = self.scanner
+        if scanner.nprobe != lists.shape[1]:
+            scanner.nprobe = lists.shape[1]
+        n = xq.shape[0]
+        scores = np.empty((n, candidates), dtype=np.float32)
+        rows = np.empty((n, candidates), dtype=np.int64)
+        # The raw SWIG call: the Python wrapper's checks and copies cost ~8 us a query.
+        scanner.search_preassigned_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(lists),
+                                     faiss.swig_ptr(coarse), faiss.swig_ptr(scores), faiss.swig_ptr(rows), False)
+        return scores, rows
+
+    # ----------------------------------------------------------------- updates
+    def list_members(self, list_nos: np.ndarray) -> dict[int, np.ndarray]:
+        """Rows stored in each list (fetched from the tier)."""
+        fetched, _ = fetch_lists(self.tier, self.directory, np.asarray(list_nos, dtype=np.int64))
+        return {list_no: ids.copy() for list_no, (ids, _codes) in fetched.items()}
+
+    def _nearest_active(self, x: np.ndarray, k: int = 1) -> np.ndarray:
+        _, lists = self.coarse.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.active_lists.size))
+        return lists if self._identity else self.active_lists[lists]
+
+    def update(self, new_rows: np.ndarray, new_x: np.ndarray, dead_rows: np.ndarray, row_list: np.ndarray,
+               live: np.ndarray, read_vectors: ReadVectors) -> dict:
+        """Fold inserts and deletes into the lists (LIRE); return what changed.
+
+        ``row_list`` (each row's primary list) is updated in place; ``live`` marks rows
+        that exist. ``read_vectors(rows)`` returns full-precision vectors.
+        """
+        params = self.params
+        limit, floor = params.list_limit, max(1, params.target_list_size // 4)
+        members: dict[int, np.ndarray] = {}
+
+        def members_of(list_nos) -> None:
+            need = [int(i) for i in list_nos if int(i) not in members]
+            if need:
+                members.update(self.list_members(np.asarray(need, dtype=np.int64)))
+                for i in need:
+                    members.setdefault(i, np.zeros(0, dtype=np.int64))
+
+        touched: set[int] = set()
+        if new_rows.size:
+            lists = self._replicate(new_x, self.active_lists)
+            row_list[new_rows] = lists[:, 0]
+            members_of(np.unique(lists[lists >= 0]))
+            for list_no in np.unique(lists[lists >= 0]).tolist():
+                add = new_rows[(lists == list_no).any(axis=1)]
+                members[list_no] = np.concatenate([members[list_no], add])
+                touched.add(list_no)
+        if dead_rows.size:
+            hit = np.unique(row_list[dead_rows])
+            members_of(hit[hit >= 0])
+            touched.update(int(i) for i in hit if i >= 0)
+        for list_no in list(touched):
+            rows = members[list_no]
+            members[list_no] = np.unique(rows[live[rows]])
+
+        splits = merges = 0
+        for list_no in sorted(touched):
+            if not self.active[list_no]:
+                continue
+            size = members[list_no].size
+            if size > limit:
+                spare = np.flatnonzero(~self.active & (self.directory.segment < 0))
+                spare = spare[spare != list_no]
+                if spare.size == 0:
+                    continue  # no slot left: the list stays long until the next rebuild
+                self._split(list_no, int(spare[0]), members, members_of, row_list, live, read_vectors)
+                splits += 1
+            elif size < floor and self.nlist > 1:
+                self._merge(list_no, members, members_of, row_list, live, read_vectors)
+                merges += 1
+        changed = {i: rows for i, rows in members.items() if i in touched or not self.active[i] or i in self._moved}
+        self._moved = set()
+        self._rewrite(changed, read_vectors)
+        return {"lists_rewritten": len(changed), "splits": splits, "merges": merges}
+
+    def _replicate(self, x: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Lists (primary first, -1 padded) for rows ``x`` among the ``candidates`` list numbers."""
+        local = self.centroids[candidates]
+        nearest = assign_nearest(x, local, self.metric)[1][:, 0]
+        p = self.params
+        lists = replicate_boundary(x, local, nearest, max_replicas=p.max_replicas, closure=p.closure,
+                                   rng_factor=p.rng_factor, metric=self.metric)
+        return np.where(lists >= 0, candidates[np.maximum(lists, 0)], -1)
+
+    def _region(self, centre: np.ndarray, exclude: int) -> np.ndarray:
+        near = self._nearest_active(centre[None, :], _NEIGHBOURS + 1)[0]
+        return near[(near >= 0) & (near != exclude)]
+
+    def _repartition(self, region: np.ndarray, members: dict, members_of, row_list: np.ndarray, live: np.ndarray,
+                     read_vectors: ReadVectors, extra: np.ndarray) -> None:
+        """Reassign every row held by ``region`` lists (and ``extra`` rows) among those lists."""
+        members_of(region)
+        rows = np.unique(np.concatenate([extra] + [members[int(i)] for i in region]))
+        rows = rows[live[rows]]
+        x = read_vectors(rows)
+        lists = self._replicate(x, region)
+        for list_no in region.tolist():
+            members[list_no] = rows[(lists == list_no).any(axis=1)]
+            self._moved.add(list_no)
+        own = np.isin(row_list[rows], region) | np.isin(rows, extra)
+        row_list[rows[own]] = lists[own, 0]
+
+    def _split(self, list_no: int, spare: int, members, members_of, row_list, live, read_vectors) -> None:
+        rows = members[list_no]
+        x = read_vectors(rows)
+        kmeans = faiss.Kmeans(self.dim, 2, niter=self.params.niter, seed=self.params.seed + list_no,
+                              spherical=(self.metric == "ip"), verbose=False)
+        kmeans.train(x)
+        old = self.centroids[list_no].copy()
+        self.centroids[list_no], self.centroids[spare] = kmeans.centroids[0], kmeans.centroids[1]
+        self.active[spare] = True
+        for quantizer in (self.codes.index.quantizer, self.scanner.quantizer):
+            flat = faiss.downcast_index(quantizer)
+            _set_centroid(flat, list_no, self.centroids[list_no])
+            _set_centroid(flat, spare, self.centroids[spare])
+        self._reset_coarse()
+        members[spare] = np.zeros(0, dtype=np.int64)
+        region = np.unique(np.concatenate([[list_no, spare], self._region(old, list_no)]))
+        self._repartition(region, members, members_of, row_list, live, read_vectors, rows)
+
+    def _merge(self, list_no: int, members, members_of, row_list, live, read_vectors) -> None:
+        rows = members[list_no]
+        self.active[list_no] = False
+        self._reset_coarse()
+        members[list_no] = np.zeros(0, dtype=np.int64)
+        self._moved.add(list_no)
+        region = self._region(self.centroids[list_no], list_no)
+        self._repartition(region, members, members_of, row_list, live, read_vectors, rows)
+
+    def _rewrite(self, changed: dict[int, np.ndarray], read_vectors: ReadVectors) -> None:
+        if not changed:
+            return
+        order = sorted(changed)
+        rows_all = np.concatenate([changed[i] for i in order]) if order else np.zeros(0, np.int64)
+        offsets = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum([changed[i].size for i in order], out=offsets[1:])
+        x = read_vectors(rows_all) if rows_all.size else np.zeros((0, self.dim), np.float32)
+        list_nos = np.repeat(np.asarray(order, dtype=np.int64), np.diff(offsets))
+        encoded = self.codes.encode_lists(x, list_nos, offsets)
+        stored, counts = {}, {}
+        for j, list_no in enumerate(order):
+            if changed[list_no].size == 0 or not self.active[list_no]:
+                self.directory.segment[list_no] = -1
+                self.directory.count[list_no] = 0
+                self.directory.length[list_no] = 0
+                continue
+            stored[list_no] = list_bytes(changed[list_no], encoded[j])
+            counts[list_no] = int(changed[list_no].size)
+        keys = write_segments(self.tier, self.prefix, self.directory, stored, counts,
+                              first_segment=self.next_segment, segment_bytes=self.params.segment_bytes)
+        self.next_segment += len(keys)
+        for list_no in order:  # drop stale cached copies; memory mode reloads at once
+            if self.loaded[list_no]:
+                clear_list(self.scanner, list_no)
+                self.loaded[list_no] = False
+                size = self._lru.pop(list_no, None)
+                if size is not None:
+                    self._cached -= size
+                    self._garbage += size
+        if self.cache_bytes is None:
+            self._load(np.asarray([i for i in order if i in stored], dtype=np.int64))
+
+    def live_segments(self) -> set[str]:
+        used = np.unique(self.directory.segment[self.directory.segment >= 0])
+        return {self.directory.segment_keys[int(i)] for i in used}
