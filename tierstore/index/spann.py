@@ -75,6 +75,7 @@ class SpannIndex:
         self.fetched_requests = 0
         self.fetched_bytes = 0
         self._moved: set[int] = set()
+        self._centroids_moved = False
         self._reset_coarse()
         self._new_scanner()
         if cache_bytes is None:
@@ -332,9 +333,13 @@ class SpannIndex:
                 members[list_no] = np.concatenate([members[list_no], add])
                 touched.add(list_no)
         if dead_rows.size:
-            hit = np.unique(row_list[dead_rows])
-            members_of(hit[hit >= 0])
-            touched.update(int(i) for i in hit if i >= 0)
+            # The primary lists are known; replicas were placed by the RNG rule, so the same
+            # rule over the current centroids finds (nearly all of) the lists holding them.
+            hit = np.unique(np.concatenate([row_list[dead_rows], self._replicate(read_vectors(dead_rows),
+                                                                                 self.active_lists).ravel()]))
+            hit = hit[hit >= 0]
+            members_of(hit)
+            touched.update(hit.tolist())
         for list_no in list(touched):
             rows = members[list_no]
             members[list_no] = np.unique(rows[live[rows]])
@@ -356,7 +361,17 @@ class SpannIndex:
                 merges += 1
         changed = {i: rows for i, rows in members.items() if i in touched or not self.active[i] or i in self._moved}
         self._moved = set()
+        if self._centroids_moved:
+            # Tables derived from the centroids (PQ fast-scan's precomputed residual terms)
+            # must be refreshed before encoding, and the scanner rebuilt from the codec.
+            if getattr(self.codes.index, "by_residual", False) and hasattr(self.codes.index, "precompute_table"):
+                self.codes.index.precompute_table()
         self._rewrite(changed, read_vectors)
+        if self._centroids_moved:
+            self._centroids_moved = False
+            self._new_scanner()
+            if self.cache_bytes is None:
+                self._load(np.flatnonzero(self.directory.segment >= 0))
         return {"lists_rewritten": len(changed), "splits": splits, "merges": merges}
 
     def _replicate(self, x: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -395,10 +410,10 @@ class SpannIndex:
         old = self.centroids[list_no].copy()
         self.centroids[list_no], self.centroids[spare] = kmeans.centroids[0], kmeans.centroids[1]
         self.active[spare] = True
-        for quantizer in (self.codes.index.quantizer, self.scanner.quantizer):
-            flat = faiss.downcast_index(quantizer)
-            _set_centroid(flat, list_no, self.centroids[list_no])
-            _set_centroid(flat, spare, self.centroids[spare])
+        flat = faiss.downcast_index(self.codes.index.quantizer)
+        _set_centroid(flat, list_no, self.centroids[list_no])
+        _set_centroid(flat, spare, self.centroids[spare])
+        self._centroids_moved = True
         self._reset_coarse()
         members[spare] = np.zeros(0, dtype=np.int64)
         region = np.unique(np.concatenate([[list_no, spare], self._region(old, list_no)]))
