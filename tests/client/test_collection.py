@@ -148,7 +148,7 @@ def test_build_index_on_empty_collection(db):
 # On these 32-d blobs 4-bit PQ (2 dimensions per code) and 1-bit RaBitQ (error ~ 1/sqrt(d))
 # are coarse: they need a deeper exact rerank than in 384 dimensions.
 @pytest.mark.parametrize("quantizer, rerank_factor, floor", [
-    ("pq4fs", 8, 0.95), ("sq8", 4, 0.95), ("sq4", 4, 0.95), ("rabitq", 16, 0.93)])
+    ("pq4fs", 8, 0.95), ("sq8", 4, 0.95), ("sq4", 4, 0.95), ("rabitq", 16, 0.93), ("osq", 4, 0.95)])
 def test_index_recall(db, blobs, quantizer, rerank_factor, floor):
     xb, xq, truth = blobs
     col = db.create_collection("c", dim=32)

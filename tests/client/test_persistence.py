@@ -23,10 +23,11 @@ def _fill(db, xb, *, build=True, **params):
     return col
 
 
-def test_reopen_identical_local(tmp_path, blobs):
+@pytest.mark.parametrize("quantizer", ["pq4fs", "osq"])
+def test_reopen_identical_local(tmp_path, blobs, quantizer):
     xb, xq, truth = blobs
     with tierstore.connect(tmp_path / "db") as db:
-        col = _fill(db, xb)
+        col = _fill(db, xb, quantizer=quantizer)
         col.add([10**12], xb[:1] + 0.5)
         col.delete([0, 3])
         before = col.search(xq, k=10, nprobe=16)

@@ -39,7 +39,7 @@ from ..store.blob import decode_blob, encode_blob
 from .clustering import assign_nearest, balanced_kmeans
 from .params import IndexParams
 from .postings import (PostingDirectory, empty_directory, fetch_lists, list_bytes, write_segments)
-from .quant import FaissCodes, clear_list, load_list
+from .quant import load_codes, train_codes
 from .replication import group_posting_lists, replicate_boundary
 
 __all__ = ["SpannIndex"]
@@ -48,16 +48,11 @@ _NEIGHBOURS = 8
 ReadVectors = Callable[[np.ndarray], np.ndarray]
 
 
-def _set_centroid(quantizer: faiss.IndexFlat, list_no: int, vector: np.ndarray) -> None:
-    xb = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d).reshape(quantizer.ntotal, -1)
-    xb[list_no] = vector
-
-
 class SpannIndex:
     """A built index over rows ``0..n-1`` (see the module docstring)."""
 
     def __init__(self, *, tier, prefix: str, metric: str, dim: int, params: IndexParams, centroids: np.ndarray,
-                 active: np.ndarray, codes: FaissCodes, directory: PostingDirectory, next_segment: int,
+                 active: np.ndarray, codes, directory: PostingDirectory, next_segment: int,
                  cache_bytes: int | None, coalesce_gap: int = 0) -> None:
         self.tier = tier
         self.prefix = prefix
@@ -97,19 +92,11 @@ class SpannIndex:
         flat.this.disown()
         self._slot_coarse.add_with_ids(self.centroids[self.active_lists], self.active_lists)
         if getattr(self, "scanner", None) is not None:
-            self._attach_coarse(self.scanner)
-
-    def _attach_coarse(self, scanner: faiss.IndexIVF) -> None:
-        previous = scanner.quantizer
-        if scanner.own_fields and previous.this.own() is False:
-            previous.this.acquire()  # the clone's own quantizer: Python frees it from now on
-        scanner.own_fields = False
-        scanner.quantizer = self._slot_coarse
-        self._previous_coarse = previous
+            self.scanner.attach_coarse(self._slot_coarse)
 
     def _new_scanner(self) -> None:
         self.scanner = self.codes.new_scanner()
-        self._attach_coarse(self.scanner)
+        self.scanner.attach_coarse(self._slot_coarse)
         self.loaded = np.zeros(self.directory.nlist, dtype=bool)
         self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._cached = 0
@@ -135,7 +122,7 @@ class SpannIndex:
         centroids[:nlist] = part.centroids
         active = np.zeros(slots, dtype=bool)
         active[:nlist] = True
-        codes = FaissCodes.train(params.quantizer, x, centroids, metric=metric, seed=params.seed)
+        codes = train_codes(params.quantizer, x, centroids, metric=metric, seed=params.seed)
         lists = replicate_boundary(x, part.centroids, part.assignment, max_replicas=params.max_replicas,
                                    closure=params.closure, rng_factor=params.rng_factor, metric=metric)
         offsets, rows = group_posting_lists(lists, slots)
@@ -179,7 +166,7 @@ class SpannIndex:
         directory = PostingDirectory(list(head["segment_keys"]), arr("dir.segment", "<i4"), arr("dir.offset", "<i8"),
                                      arr("dir.length", "<i8"), arr("dir.count", "<i8"),
                                      arr("dir.checksum", "<u8"))
-        codes = FaissCodes.from_bytes(head["quantizer"], head["metric"], bytes(blob.section("codec")))
+        codes = load_codes(head["quantizer"], head["metric"], bytes(blob.section("codec")), centroids)
         return cls(tier=tier, prefix=key.rsplit("/", 1)[0], metric=head["metric"], dim=dim,
                    params=IndexParams.from_json(head["params"]), centroids=centroids,
                    active=arr("active", np.uint8).astype(bool), codes=codes, directory=directory,
@@ -194,7 +181,7 @@ class SpannIndex:
         self.fetched_requests += len(plan.requests)
         self.fetched_bytes += plan.bytes
         for list_no, (ids, codes) in fetched.items():
-            load_list(self.scanner, list_no, ids, codes)
+            self.scanner.load_list(list_no, ids, codes)
             self.loaded[list_no] = True
             if self.cache_bytes is not None:
                 self._lru[list_no] = ids.nbytes + codes.nbytes
@@ -208,7 +195,7 @@ class SpannIndex:
             if list_no in keep_set:
                 continue
             size = self._lru.pop(list_no)
-            clear_list(self.scanner, list_no)
+            self.scanner.clear_list(list_no)
             self.loaded[list_no] = False
             self._cached -= size
             self._garbage += size
@@ -218,12 +205,9 @@ class SpannIndex:
     def _compact(self) -> None:
         old, held = self.scanner, list(self._lru)
         self.scanner = self.codes.new_scanner()
+        self.scanner.attach_coarse(self._slot_coarse)
         for list_no in held:
-            n = old.invlists.list_size(list_no)
-            ids = faiss.rev_swig_ptr(old.invlists.get_ids(list_no), n).copy()
-            nbytes = self.codes.list_code_bytes(n)
-            codes = faiss.rev_swig_ptr(old.invlists.get_codes(list_no), nbytes).copy()
-            load_list(self.scanner, list_no, ids, codes)
+            self.scanner.load_list(list_no, *old.list_arrays(list_no))
         self._garbage = 0
 
     def ensure_loaded(self, lists: np.ndarray) -> None:
@@ -266,16 +250,8 @@ class SpannIndex:
         return coarse, lists
 
     def search_codes(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """Coarse search and code scan in one faiss call (every list resident, no pruning)."""
-        scanner = self.scanner
-        nprobe = min(nprobe, self.active_lists.size)
-        if scanner.nprobe != nprobe:
-            scanner.nprobe = nprobe
-        n = xq.shape[0]
-        scores = np.empty((n, candidates), dtype=np.float32)
-        rows = np.empty((n, candidates), dtype=np.int64)
-        scanner.search_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(scores), faiss.swig_ptr(rows))
-        return scores, rows
+        """Coarse search and code scan in one call (every list resident, no pruning)."""
+        return self.scanner.search(xq, min(nprobe, self.active_lists.size), candidates)
 
     def scan(self, xq: np.ndarray, coarse: np.ndarray, lists: np.ndarray, candidates: int):
         """Code-scan the probed lists: ``(scores, rows)`` of the best ``candidates`` per query.
@@ -284,16 +260,7 @@ class SpannIndex:
         faiss's: squared L2 (smaller better) or inner product (larger better).
         """
         self.ensure_loaded(lists)
-        scanner = self.scanner
-        if scanner.nprobe != lists.shape[1]:
-            scanner.nprobe = lists.shape[1]
-        n = xq.shape[0]
-        scores = np.empty((n, candidates), dtype=np.float32)
-        rows = np.empty((n, candidates), dtype=np.int64)
-        # The raw SWIG call: the Python wrapper's checks and copies cost ~8 us a query.
-        scanner.search_preassigned_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(lists),
-                                     faiss.swig_ptr(coarse), faiss.swig_ptr(scores), faiss.swig_ptr(rows), False)
-        return scores, rows
+        return self.scanner.search_preassigned(xq, lists, coarse, candidates)
 
     # ----------------------------------------------------------------- updates
     def list_members(self, list_nos: np.ndarray) -> dict[int, np.ndarray]:
@@ -361,11 +328,6 @@ class SpannIndex:
                 merges += 1
         changed = {i: rows for i, rows in members.items() if i in touched or not self.active[i] or i in self._moved}
         self._moved = set()
-        if self._centroids_moved:
-            # Tables derived from the centroids (PQ fast-scan's precomputed residual terms)
-            # must be refreshed before encoding, and the scanner rebuilt from the codec.
-            if getattr(self.codes.index, "by_residual", False) and hasattr(self.codes.index, "precompute_table"):
-                self.codes.index.precompute_table()
         self._rewrite(changed, read_vectors)
         if self._centroids_moved:
             self._centroids_moved = False
@@ -410,10 +372,8 @@ class SpannIndex:
         old = self.centroids[list_no].copy()
         self.centroids[list_no], self.centroids[spare] = kmeans.centroids[0], kmeans.centroids[1]
         self.active[spare] = True
-        flat = faiss.downcast_index(self.codes.index.quantizer)
-        _set_centroid(flat, list_no, self.centroids[list_no])
-        _set_centroid(flat, spare, self.centroids[spare])
-        self._centroids_moved = True
+        self.codes.set_centroids(np.array([list_no, spare]), self.centroids[[list_no, spare]])
+        self._centroids_moved = True  # the scanner is rebuilt from the codec after the rewrite
         self._reset_coarse()
         members[spare] = np.zeros(0, dtype=np.int64)
         region = np.unique(np.concatenate([[list_no, spare], self._region(old, list_no)]))
@@ -452,7 +412,7 @@ class SpannIndex:
         self.next_segment += len(keys)
         for list_no in order:  # drop stale cached copies; memory mode reloads at once
             if self.loaded[list_no]:
-                clear_list(self.scanner, list_no)
+                self.scanner.clear_list(list_no)
                 self.loaded[list_no] = False
                 size = self._lru.pop(list_no, None)
                 if size is not None:

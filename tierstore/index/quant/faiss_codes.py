@@ -7,9 +7,10 @@ centroids. It does three jobs:
   the stored bytes of each posting list: exactly the bytes faiss keeps in its inverted
   lists, so loading a list is one ``add_entries`` memcpy (fast-scan formats store their
   32-vector blocks already packed);
-* :meth:`FaissCodes.new_scanner` gives an empty clone whose inverted lists a cache
-  fills from fetched blobs, scanned with ``search_preassigned`` (faiss's SIMD kernels;
-  list numbers ``-1`` are skipped, which is how pruned probes are dropped);
+* :meth:`FaissCodes.new_scanner` gives a :class:`FaissScanner`: an empty clone whose
+  inverted lists a cache fills from fetched blobs, scanned by faiss's SIMD kernels
+  (``search``, or ``search_preassigned`` where list numbers ``-1`` are skipped, which
+  is how pruned probes are dropped);
 * :meth:`FaissCodes.to_bytes` / :meth:`FaissCodes.from_bytes` persist the trained codec
   (``faiss.serialize_index`` of the empty index; faiss's own format, never pickle).
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from ...errors import CorruptData, InvalidArgument
 
-__all__ = ["FaissCodes", "FAISS_FORMATS", "load_list", "clear_list"]
+__all__ = ["FaissCodes", "FaissScanner", "FAISS_FORMATS"]
 
 FAISS_FORMATS = ("sq8", "sq4", "rabitq", "pq4fs")
 _TRAIN_SAMPLE = 65_536
@@ -152,23 +153,85 @@ class FaissCodes:
         del packer
         return out
 
+    def set_centroids(self, slots: np.ndarray, vectors: np.ndarray) -> None:
+        """Move the centroids of list ``slots`` (after a split); refresh what depends on them."""
+        flat = faiss.downcast_index(self.index.quantizer)
+        xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        xb[np.asarray(slots)] = vectors
+        if getattr(self.index, "by_residual", False) and hasattr(self.index, "precompute_table"):
+            self.index.precompute_table()  # PQ fast-scan's residual terms depend on the centroids
+
     # ------------------------------------------------------------------ scanning
-    def new_scanner(self) -> faiss.IndexIVF:
-        """An empty clone (own inverted lists and coarse quantizer) to fill and scan."""
-        return faiss.clone_index(self.index)
+    def new_scanner(self) -> "FaissScanner":
+        """An empty clone (own inverted lists) to fill with fetched lists and scan."""
+        return FaissScanner(faiss.clone_index(self.index), self)
 
     def memory_bytes(self) -> int:
         """Resident bytes of the trained codec and its coarse quantizer."""
         return int(faiss.serialize_index(self.index).size)
 
 
-def load_list(scanner: faiss.IndexIVF, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
-    """Put a fetched list into an empty slot of ``scanner``'s inverted lists (one memcpy)."""
-    scanner.invlists.add_entries(int(list_no), int(ids.shape[0]), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-    scanner.ntotal += int(ids.shape[0])
+class FaissScanner:
+    """Posting lists held in a faiss IVF's inverted lists, scanned by its SIMD kernels.
 
+    The IVF's coarse quantizer is replaced (:meth:`attach_coarse`) by an index of the
+    *active* centroids labelled with their list slots, so :meth:`search` is one C++ call
+    (coarse search + scan) and retired or spare slots can never be probed.
+    """
 
-def clear_list(scanner: faiss.IndexIVF, list_no: int) -> None:
-    """Empty one list of ``scanner`` (faiss keeps its capacity until the scanner is replaced)."""
-    scanner.ntotal -= int(scanner.invlists.list_size(int(list_no)))
-    scanner.invlists.resize(int(list_no), 0)
+    def __init__(self, ivf: faiss.IndexIVF, codes: FaissCodes) -> None:
+        self.ivf = ivf
+        self.codes = codes
+        self._coarse = None
+        self._previous = None
+
+    def attach_coarse(self, coarse: faiss.Index) -> None:
+        previous = self.ivf.quantizer
+        if self.ivf.own_fields and previous.this.own() is False:
+            previous.this.acquire()  # the clone's quantizer: Python frees it from now on
+        self.ivf.own_fields = False
+        self.ivf.quantizer = coarse
+        self._coarse, self._previous = coarse, previous
+
+    def load_list(self, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Put a fetched list into an empty slot (one memcpy)."""
+        self.ivf.invlists.add_entries(int(list_no), int(ids.shape[0]), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+        self.ivf.ntotal += int(ids.shape[0])
+
+    def clear_list(self, list_no: int) -> None:
+        """Empty one list (faiss keeps its capacity until the scanner is replaced)."""
+        self.ivf.ntotal -= int(self.ivf.invlists.list_size(int(list_no)))
+        self.ivf.invlists.resize(int(list_no), 0)
+
+    def list_arrays(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of one held list's ids and stored code bytes."""
+        invlists = self.ivf.invlists
+        n = invlists.list_size(int(list_no))
+        ids = faiss.rev_swig_ptr(invlists.get_ids(int(list_no)), n).copy()
+        codes = faiss.rev_swig_ptr(invlists.get_codes(int(list_no)), self.codes.list_code_bytes(n)).copy()
+        return ids, codes
+
+    def search(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """Coarse search and scan in one faiss call; ``xq`` float32 C-contiguous."""
+        ivf = self.ivf
+        if ivf.nprobe != nprobe:
+            ivf.nprobe = nprobe
+        n = xq.shape[0]
+        scores = np.empty((n, candidates), dtype=np.float32)
+        rows = np.empty((n, candidates), dtype=np.int64)
+        ivf.search_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(scores), faiss.swig_ptr(rows))
+        return scores, rows
+
+    def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,
+                           candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scan the given lists (``-1`` skipped) with their coarse scores."""
+        ivf = self.ivf
+        if ivf.nprobe != lists.shape[1]:
+            ivf.nprobe = lists.shape[1]
+        n = xq.shape[0]
+        scores = np.empty((n, candidates), dtype=np.float32)
+        rows = np.empty((n, candidates), dtype=np.int64)
+        # The raw SWIG call: the Python wrapper's checks and copies cost ~8 us a query.
+        ivf.search_preassigned_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+                                 faiss.swig_ptr(scores), faiss.swig_ptr(rows), False)
+        return scores, rows
