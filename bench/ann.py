@@ -23,8 +23,14 @@ training in full, as if it had been built alone.
 
 A system is a name, a ``build(dataset) -> Searcher`` function, a list of settings (the
 keyword arguments of ``Searcher.search``) and a description. tierstore's own indexes
-join as more systems (one per tier layout: memory, LMDB cold, S3) by adding a factory
-to :data:`SYSTEM_FACTORIES`.
+join as more systems, one per tier layout (bench/_tierstore_systems.py): ``tierstore-mem``
+(everything resident) is timed like faiss; ``tierstore-lmdb-cold``, ``tierstore-s3`` (on a
+moto server started here) and ``tierstore-s3-60ms`` (the same behind a latency proxy,
+``--s3-latency-ms``) are *measured* systems: their searcher has a ``measure`` method that
+times cold single queries in a fresh process, outside the interleaved loop. They get a
+second table: latency p50/p95, dependent read rounds, reads / S3 GETs and bytes per
+query, resident memory against the raw vectors, process RSS. ``--systems tierstore``
+selects all four; ``tierstore-s3`` selects both S3 passes.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class System:
     build: Callable[[Dataset], Searcher]
     settings: tuple[Mapping[str, Any], ...]
     description: str = ""
+    aliases: tuple[str, ...] = ()  # more names that select this system in --systems
 
     def describe(self) -> str:
         return self.description or self.name
@@ -87,6 +94,26 @@ class Options:
 
     quick: bool = False
     nlists: tuple[int, ...] = ()  # IVF list counts for every IVF system; empty: default_nlist per system
+    cold_queries: int | None = None  # single queries per cold LMDB pass (None: 500, quick 200)
+    s3_queries: int | None = None  # single queries per S3 pass (None: 50, quick 20)
+    s3_latency_ms: float = 60.0  # added to each S3 request in the second S3 pass (0: no such pass)
+    workdir: str | None = None  # where tierstore's temporary database goes (None: the system's temp dir)
+    tierstore_quantizer: str = "pq4fs"
+
+
+class Measured(Protocol):
+    """A built system timed by itself (cold passes in a fresh process): ``measure`` returns one
+    record per setting with at least recall_at_10, qps_single, qps_batch100 (or None),
+    single_queries, batch_queries and index_bytes; more keys are kept as they are."""
+
+    reused_build_s: float
+
+    def measure(self, settings: Sequence[Mapping[str, Any]], queries: np.ndarray, gt_ids: np.ndarray,
+                log: Callable[[str], None]) -> list[dict[str, Any]]: ...
+
+    def index_bytes(self) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class FaissSearcher:
@@ -244,13 +271,22 @@ def faiss_systems(dataset: Dataset, options: Options) -> list[System]:
     return systems
 
 
-#: Name -> factory(dataset, options) -> systems. tierstore's indexes join here.
-SYSTEM_FACTORIES: dict[str, Callable[[Dataset, Options], list[System]]] = {"faiss": faiss_systems}
+def tierstore_systems(dataset: Dataset, options: Options) -> list[System]:
+    """tierstore in memory, cold on LMDB, on S3 and on S3 with latency (bench/_tierstore_systems.py)."""
+    import _tierstore_systems
+
+    return _tierstore_systems.tierstore_systems(dataset, options, System)
+
+
+#: Name -> factory(dataset, options) -> systems.
+SYSTEM_FACTORIES: dict[str, Callable[[Dataset, Options], list[System]]] = {
+    "faiss": faiss_systems, "tierstore": tierstore_systems}
 
 
 def select_systems(systems: Sequence[System], wanted: str | None) -> list[System]:
     """``wanted``: comma-separated names, with or without the ``faiss-`` prefix and the
-    ``-nl<nlist>`` suffix (then every nlist matches); None or empty: all."""
+    ``-nl<nlist>`` suffix (then every nlist matches), or a system's alias (``tierstore``:
+    all of tierstore's); None or empty: all."""
     if not wanted:
         return list(systems)
     chosen: list[System] = []
@@ -258,8 +294,8 @@ def select_systems(systems: Sequence[System], wanted: str | None) -> list[System
         if not token:
             continue
         matches = [system for system in systems
-                   if any(system.name == name or system.name.startswith(f"{name}-nl")
-                          for name in (token, f"faiss-{token}"))]
+                   if token in system.aliases or any(system.name == name or system.name.startswith(f"{name}-nl")
+                                                     for name in (token, f"faiss-{token}"))]
         if not matches:
             raise SystemExit(f"unknown system {token!r}; choose from {', '.join(s.name for s in systems)}")
         chosen += [system for system in matches if system not in chosen]
@@ -280,7 +316,11 @@ def _set_threads(count: int) -> None:
 
 def run(dataset: Dataset, systems: Sequence[System], *, rounds: int, single_queries: int, recall_queries: int,
         pass_seconds: float, build_threads: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Build every system, then time every (system, setting) pair interleaved; one record each."""
+    """Build every system, then time every (system, setting) pair interleaved; one record each.
+
+    Systems whose searcher has a ``measure`` method (:class:`Measured`) are measured by it,
+    after the interleaved timing, with the same queries.
+    """
     queries = dataset.queries[:recall_queries]
     gt_ids = dataset.gt_ids[:recall_queries]
     singles = [np.ascontiguousarray(queries[i:i + 1]) for i in range(min(single_queries, len(queries)))]
@@ -296,6 +336,8 @@ def run(dataset: Dataset, systems: Sequence[System], *, rounds: int, single_quer
 
     records, single_passes, batch_passes = [], [], []
     for system, searcher, build_s, nbytes in built:
+        if hasattr(searcher, "measure"):
+            continue
         for setting in system.settings:
             _set_threads(build_threads)  # recall needs no timing: use every core
             ids = searcher.search(queries, K, **setting)
@@ -325,9 +367,21 @@ def run(dataset: Dataset, systems: Sequence[System], *, rounds: int, single_quer
         if record["single_agrees_with_batch"] < 0.99:
             log(f"warning: {record['system']} {record['label']}: one-query results differ from batch results "
                 f"for {1 - record['single_agrees_with_batch']:.1%} of queries")
+    for system, searcher, build_s, nbytes in built:
+        if not hasattr(searcher, "measure"):
+            continue
+        measured = searcher.measure(system.settings, queries, gt_ids, log)
+        for setting, result in zip(system.settings, measured):
+            record = {"system": system.name, "setting": dict(setting), "label": _label(setting), "build_s": build_s,
+                      "index_bytes": nbytes, "measured": True, **result}
+            records.append(record)
+            if record.get("single_agrees_with_batch", 1.0) < 0.99:
+                log(f"warning: {system.name} {record['label']}: results differ from the in-memory search "
+                    f"for {1 - record['single_agrees_with_batch']:.1%} of queries")
     for _, searcher, _, _ in built:
         searcher.close()
-    return records
+    order = {system.name: position for position, (system, _, _, _) in enumerate(built)}
+    return sorted(records, key=lambda record: order[record["system"]])  # stable: settings keep their order
 
 
 def call_floor(dim: int, rounds: int) -> dict[str, float]:
@@ -363,7 +417,7 @@ def pareto(records: Sequence[Mapping[str, Any]], key: str = "qps_single") -> lis
 def best_at_recall(records: Sequence[Mapping[str, Any]], threshold: float,
                    key: str = "qps_single") -> Mapping[str, Any] | None:
     """The fastest record (by ``key``) with recall@10 >= ``threshold``, or None."""
-    good = [record for record in records if record["recall_at_10"] >= threshold]
+    good = [record for record in records if record["recall_at_10"] >= threshold and record.get(key) is not None]
     return max(good, key=lambda r: r[key]) if good else None
 
 
@@ -415,6 +469,66 @@ def plot(path: str, dataset: Dataset, systems: Sequence[System], records: Sequen
     plt.close(figure)
 
 
+def tier_tables(records: Sequence[Mapping[str, Any]], raw_vector_bytes: int) -> str:
+    """The measured (cold / S3) systems' per-query I/O and latency, and every tierstore system's memory."""
+    if not any(r["system"].startswith("tierstore") for r in records):
+        return ""
+    mib = 2 ** 20
+    measured = [r for r in records if r.get("measured")]
+    rows = []
+    for r in measured:
+        probed = r.get("probed_list_bytes")
+        rows.append({**r, "p50": r["latency_ms"]["p50"], "p95": r["latency_ms"]["p95"], "first": r["first_query_ms"],
+                     "rounds_mean": r["rounds"]["mean"], "post_rounds_max": r["post_rounds"]["max"],
+                     "rr_rounds_max": r["rr_rounds"]["max"], "reads_mean": r["reads"]["mean"],
+                     "post_reads_mean": r["post_reads"]["mean"], "rr_reads_mean": r["rr_reads"]["mean"],
+                     "gets_mean": r["http_gets"]["mean"] if r["tier"] == "s3" else None,
+                     "post_kib": r["post_bytes"]["mean"] / 1024, "rr_kib": r["rr_bytes"]["mean"] / 1024,
+                     "need_kib": probed["mean"] / 1024 if probed else None})
+    lines = []
+    if rows:
+        lines += ["tierstore cold passes: single queries in a fresh process, memory_cache=0, per query (mean unless "
+                  "max). rounds = dependent tier read calls; post = posting lists, rr = rerank vectors; reads = "
+                  "ranged tier reads; GETs = HTTP GETs sent to S3; post KiB = posting bytes read, probed KiB = stored "
+                  "size of the probed lists; same = share of queries whose ids match the in-memory collection's\n",
+                  format_table(rows, [
+                      ("system", "system", ""), ("label", "setting", ""), ("recall_at_10", "R@10", ".4f"),
+                      ("recall_queries", "nq", "d"), ("qps_single", "QPS 1q", ",.1f"), ("p50", "p50 ms", ".2f"),
+                      ("p95", "p95 ms", ".2f"), ("first", "1st ms", ".1f"), ("rounds_mean", "rounds", ".2f"),
+                      ("post_rounds_max", "post max", ".0f"), ("rr_rounds_max", "rr max", ".0f"),
+                      ("reads_mean", "reads", ".1f"), ("post_reads_mean", "post", ".1f"),
+                      ("rr_reads_mean", "rr", ".1f"), ("gets_mean", "GETs", ".1f"), ("post_kib", "post KiB", ",.0f"),
+                      ("need_kib", "probed KiB", ",.0f"), ("rr_kib", "rr KiB", ",.0f"),
+                      ("agrees_with_memory", "same", ".3f")]), ""]
+    memory = []
+    for name in dict.fromkeys(r["system"] for r in records if r["system"].startswith("tierstore")):
+        mine = [r for r in records if r["system"] == name]
+        resident = max(r["index_bytes"] for r in mine)
+        row: dict[str, Any] = {"system": name, "resident": resident / mib, "raw": raw_vector_bytes / mib,
+                               "ratio": 100 * resident / raw_vector_bytes}
+        if mine[0].get("measured"):
+            first = mine[0]
+            row.update(open_ms=1e3 * median([r["open_s"] for r in mine]), open_reads=first["open_reads"],
+                       open_gets=first["open_http_gets"] if first["tier"] == "s3" else None,
+                       rss_base=first["baseline_rss_bytes"] / mib,
+                       rss_end=max(r["rss_end"]["rss"] for r in mine) / mib,
+                       anon_end=max(r["rss_end"]["rss_anon"] for r in mine) / mib,
+                       anon_delta=(max(r["rss_end"]["rss_anon"] for r in mine)
+                                   - first["baseline_rss_anon_bytes"]) / mib,
+                       file_end=max(r["rss_end"]["rss_file"] for r in mine) / mib)
+        memory.append(row)
+    lines += ["tierstore memory: resident = Collection.stats()['resident_bytes'] (largest after any pass), raw = "
+              "n x d float32; RSS of the measuring process before connecting (base) and after a pass (end: total, "
+              "anonymous, file-backed = mapped LMDB pages); open = connect + open the collection\n",
+              format_table(memory, [
+                  ("system", "system", ""), ("resident", "resident MiB", ",.2f"), ("raw", "raw MiB", ",.1f"),
+                  ("ratio", "res/raw %", ".2f"), ("open_ms", "open ms", ".1f"), ("open_reads", "open reads", "d"),
+                  ("open_gets", "open GETs", "d"), ("rss_base", "RSS base", ",.0f"), ("rss_end", "RSS end", ",.0f"),
+                  ("anon_end", "anon end", ",.0f"), ("anon_delta", "anon +", ",.1f"),
+                  ("file_end", "file end", ",.0f")])]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, help="queries for recall and batch timing (default: all, quick 1000)")
     parser.add_argument("--pass-seconds", type=float, help="cap in seconds on one timed pass (default 0.25, quick 0.2)")
     parser.add_argument("--build-threads", type=int, default=os.cpu_count(), help="threads for builds and recall")
+    parser.add_argument("--cold-queries", type=int, help="single queries per cold LMDB pass (default 500, quick 200)")
+    parser.add_argument("--s3-queries", type=int, help="single queries per S3 pass (default 50, quick 20)")
+    parser.add_argument("--s3-latency-ms", type=float, default=60.0,
+                        help="added to every S3 request in the second S3 pass (default 60; 0: no such pass)")
+    parser.add_argument("--tierstore-quantizer", default="pq4fs", help="tierstore's list codes (default pq4fs)")
+    parser.add_argument("--workdir", help="directory for tierstore's temporary database (default: system temp)")
     args = parser.parse_args(argv)
     quick = args.quick
     rounds = args.rounds or 5
@@ -445,7 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     recall_queries = min(len(dataset.queries), args.queries or (1000 if quick else len(dataset.queries)))
     log(f"loaded {dataset!r}")
     nlists = tuple(int(part) for part in args.nlist.split(",") if part.strip()) if args.nlist else ()
-    options = Options(quick=quick, nlists=nlists)
+    options = Options(quick=quick, nlists=nlists, cold_queries=args.cold_queries, s3_queries=args.s3_queries,
+                      s3_latency_ms=args.s3_latency_ms, workdir=args.workdir,
+                      tierstore_quantizer=args.tierstore_quantizer)
     available = [system for factory in SYSTEM_FACTORIES.values() for system in factory(dataset, options)]
     systems = select_systems(available, args.systems)
     floor = call_floor(dataset.dim, rounds)
@@ -470,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("qps_single_at_95", "QPS1@.95", ",.0f"), ("at95", "setting", ""),
         ("qps_batch100_at_95", "b100@.95", ",.0f"), ("max_recall_at_10", "max R@10", ".4f"),
         ("build_s", "build s", ".1f"), ("mib", "MiB", ".1f")]))
+    tables = tier_tables(records, len(dataset.base) * dataset.dim * 4)
+    if tables:
+        print(f"\n{tables}")
     print(f"\nfaiss per-call floor (IndexFlatL2 holding 1 vector, d={dataset.dim}): "
           f"{floor['faiss_qps']:,.0f} QPS = {floor['faiss_us_per_call']:.1f} us/call raw, "
           f"{floor['searcher_us_per_call']:.1f} us/call through FaissSearcher")
@@ -479,13 +604,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta = bench_meta(
                 benchmark="ann", dataset=dataset.name, n=len(dataset.base), nq_recall=recall_queries, dim=dataset.dim,
                 metric=dataset.metric, k=K, batch=BATCH, quick=quick, rounds=rounds, single_queries=single_queries,
-                pass_seconds=pass_seconds, search_threads=1, build_threads=args.build_threads, nlists=list(options.nlists) or "default_nlist per system (see descriptions)",
+                pass_seconds=pass_seconds, search_threads=1, build_threads=args.build_threads,
+                nlists=list(options.nlists) or "default_nlist per system (see descriptions)",
+                tierstore_options={"cold_queries": options.cold_queries, "s3_queries": options.s3_queries,
+                                   "s3_latency_ms": options.s3_latency_ms,
+                                   "quantizer": options.tierstore_quantizer},
                 faiss=_faiss_version(), faiss_compile_options=_faiss_compile_options(),
                 dataset_cache=cache_info(dataset.name), argv=sys.argv[1:],
                 wall_s=round(time.perf_counter() - started, 1))
             write_report(args.json, meta, results=records, summaries=summaries, call_floor=floor,
-                         systems=[{"name": s.name, "description": s.describe(), "settings": list(s.settings)}
-                                  for s in systems])
+                         systems=[{"name": s.name, "description": s.describe(), "settings": list(s.settings),
+                                   "aliases": list(s.aliases)} for s in systems])
             log(f"wrote {args.json}")
         if args.plot:
             plot(args.plot, dataset, systems, records)
