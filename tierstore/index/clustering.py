@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 
-__all__ = ["Partition", "balanced_kmeans", "assign_nearest", "METRICS"]
+__all__ = ["Partition", "balanced_kmeans", "assign_nearest", "two_means", "METRICS"]
 
 METRICS = ("l2", "ip")
 _ASSIGN_BATCH = 65_536
@@ -166,3 +166,38 @@ def balanced_kmeans(x: np.ndarray, *, target_list_size: int, max_list_size: int 
     for list_no, members in enumerate(lists):
         assignment[members] = list_no
     return Partition(centroids=np.ascontiguousarray(np.stack(centroids), dtype=np.float32), assignment=assignment)
+
+
+def two_means(x: np.ndarray, *, metric: str = "l2", seed: int = 0, niter: int = 10) -> np.ndarray:
+    """Split ``x`` (a posting list's vectors) in two: ``(2, d)`` centroids (numpy, vectorised).
+
+    Starts from the two points farthest apart along the main direction of spread, then
+    runs Lloyd iterations; ``"ip"`` normalises the centroids (spherical k-means). Used by
+    list splits, where faiss's k-means costs more in set-up than the work itself.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[0] < 2:
+        return np.repeat(x[:1], 2, axis=0)
+    centred = x - x.mean(axis=0)
+    rng = np.random.default_rng(seed)
+    direction = centred[rng.integers(x.shape[0])]
+    for _ in range(3):  # a few power iterations towards the principal direction
+        direction = centred.T @ (centred @ direction)
+        direction /= max(float(np.linalg.norm(direction)), 1e-12)
+    side = centred @ direction > 0
+    centroids = np.stack([x[~side].mean(axis=0) if (~side).any() else x[0], x[side].mean(axis=0) if side.any() else x[-1]])
+    for _ in range(niter):
+        if metric == "ip":
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            side = x @ centroids[1] > x @ centroids[0]
+        else:
+            side = ((x - centroids[1]) ** 2).sum(1) < ((x - centroids[0]) ** 2).sum(1)
+        if side.all() or not side.any():
+            break
+        new = np.stack([x[~side].mean(axis=0), x[side].mean(axis=0)])
+        if np.allclose(new, centroids):
+            break
+        centroids = new
+    if metric == "ip":
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return centroids.astype(np.float32)

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import CorruptData, InvalidArgument
 from ..store.blob import decode_blob, encode_blob
-from .clustering import assign_nearest, balanced_kmeans
+from .clustering import assign_nearest, balanced_kmeans, two_means
 from .params import IndexParams
 from .postings import (PostingDirectory, empty_directory, fetch_lists, list_bytes, write_segments)
 from .quant import load_codes, train_codes
@@ -53,7 +53,7 @@ class SpannIndex:
 
     def __init__(self, *, tier, prefix: str, metric: str, dim: int, params: IndexParams, centroids: np.ndarray,
                  active: np.ndarray, codes, directory: PostingDirectory, next_segment: int,
-                 cache_bytes: int | None, coalesce_gap: int = 0) -> None:
+                 cache_bytes: int | None, coalesce_gap: int = 0, dead: np.ndarray | None = None) -> None:
         self.tier = tier
         self.prefix = prefix
         self.metric = metric
@@ -71,6 +71,8 @@ class SpannIndex:
         self.fetched_bytes = 0
         self._moved: set[int] = set()
         self._centroids_moved = False
+        # Tombstoned rows still stored in each list (approximate for replicas): drives lazy purges.
+        self.dead = np.zeros(self.directory.nlist, dtype=np.int64) if dead is None else dead
         self._reset_coarse()
         self._new_scanner()
         if cache_bytes is None:
@@ -145,7 +147,7 @@ class SpannIndex:
         header = {"kind": "spann-index", "format": 1, "metric": self.metric, "dim": self.dim,
                   "params": self.params.to_json(), "slots": d.nlist, "segment_keys": d.segment_keys,
                   "next_segment": self.next_segment, "quantizer": self.codes.name}
-        sections = {"centroids": self.centroids, "active": self.active.astype(np.uint8),
+        sections = {"centroids": self.centroids, "active": self.active.astype(np.uint8), "dead": self.dead,
                     "codec": self.codes.to_bytes(),
                     **{f"dir.{name}": np.ascontiguousarray(arr) for name, arr in d.arrays().items()}}
         self.tier.put(key, encode_blob(header, sections=sections, align=64))
@@ -170,7 +172,8 @@ class SpannIndex:
         return cls(tier=tier, prefix=key.rsplit("/", 1)[0], metric=head["metric"], dim=dim,
                    params=IndexParams.from_json(head["params"]), centroids=centroids,
                    active=arr("active", np.uint8).astype(bool), codes=codes, directory=directory,
-                   next_segment=int(head["next_segment"]), cache_bytes=cache_bytes, coalesce_gap=coalesce_gap)
+                   next_segment=int(head["next_segment"]), cache_bytes=cache_bytes, coalesce_gap=coalesce_gap,
+                   dead=arr("dead", "<i8"))
 
     # ------------------------------------------------------------------- cache
     def _load(self, list_nos: np.ndarray) -> None:
@@ -300,13 +303,19 @@ class SpannIndex:
                 members[list_no] = np.concatenate([members[list_no], add])
                 touched.add(list_no)
         if dead_rows.size:
-            # The primary lists are known; replicas were placed by the RNG rule, so the same
-            # rule over the current centroids finds (nearly all of) the lists holding them.
-            hit = np.unique(np.concatenate([row_list[dead_rows], self._replicate(read_vectors(dead_rows),
-                                                                                 self.active_lists).ravel()]))
-            hit = hit[hit >= 0]
-            members_of(hit)
-            touched.update(hit.tolist())
+            # Tombstones are filtered at search time; a list is rewritten without its dead
+            # rows only once they are a tenth of it (SPFresh's lazy garbage collection).
+            # Primary lists are known; replicas were placed by the RNG rule, so the same rule
+            # over the current centroids finds (nearly all of) the lists holding them.
+            hits = np.concatenate([row_list[dead_rows],
+                                   self._replicate(read_vectors(dead_rows), self.active_lists).ravel()])
+            hits = hits[hits >= 0]
+            self.dead += np.bincount(hits, minlength=self.dead.size)
+            due = np.flatnonzero((self.dead > 0) & self.active
+                                 & ((self.dead * 10 >= np.maximum(self.directory.count, 1))
+                                    | (self.directory.count - self.dead < floor)))
+            members_of(due)
+            touched.update(due.tolist())
         for list_no in list(touched):
             rows = members[list_no]
             members[list_no] = np.unique(rows[live[rows]])
@@ -328,12 +337,10 @@ class SpannIndex:
                 merges += 1
         changed = {i: rows for i, rows in members.items() if i in touched or not self.active[i] or i in self._moved}
         self._moved = set()
-        self._rewrite(changed, read_vectors)
+        self._rewrite(changed, read_vectors, row_list)
         if self._centroids_moved:
             self._centroids_moved = False
-            self._new_scanner()
-            if self.cache_bytes is None:
-                self._load(np.flatnonzero(self.directory.segment >= 0))
+            self.scanner.refresh()
         return {"lists_rewritten": len(changed), "splits": splits, "merges": merges}
 
     def _replicate(self, x: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -366,11 +373,9 @@ class SpannIndex:
     def _split(self, list_no: int, spare: int, members, members_of, row_list, live, read_vectors) -> None:
         rows = members[list_no]
         x = read_vectors(rows)
-        kmeans = faiss.Kmeans(self.dim, 2, niter=self.params.niter, seed=self.params.seed + list_no,
-                              spherical=(self.metric == "ip"), verbose=False)
-        kmeans.train(x)
+        halves = two_means(x, metric=self.metric, seed=self.params.seed + list_no)
         old = self.centroids[list_no].copy()
-        self.centroids[list_no], self.centroids[spare] = kmeans.centroids[0], kmeans.centroids[1]
+        self.centroids[list_no], self.centroids[spare] = halves[0], halves[1]
         self.active[spare] = True
         self.codes.set_centroids(np.array([list_no, spare]), self.centroids[[list_no, spare]])
         self._centroids_moved = True  # the scanner is rebuilt from the codec after the rewrite
@@ -388,7 +393,7 @@ class SpannIndex:
         region = self._region(self.centroids[list_no], list_no)
         self._repartition(region, members, members_of, row_list, live, read_vectors, rows)
 
-    def _rewrite(self, changed: dict[int, np.ndarray], read_vectors: ReadVectors) -> None:
+    def _rewrite(self, changed: dict[int, np.ndarray], read_vectors: ReadVectors, row_list: np.ndarray) -> None:
         if not changed:
             return
         order = sorted(changed)
@@ -397,8 +402,10 @@ class SpannIndex:
         np.cumsum([changed[i].size for i in order], out=offsets[1:])
         x = read_vectors(rows_all) if rows_all.size else np.zeros((0, self.dim), np.float32)
         list_nos = np.repeat(np.asarray(order, dtype=np.int64), np.diff(offsets))
+        self._recentre(x, rows_all, list_nos, row_list)
         encoded = self.codes.encode_lists(x, list_nos, offsets)
         stored, counts = {}, {}
+        self.dead[order] = 0
         for j, list_no in enumerate(order):
             if changed[list_no].size == 0 or not self.active[list_no]:
                 self.directory.segment[list_no] = -1
@@ -420,6 +427,28 @@ class SpannIndex:
                     self._garbage += size
         if self.cache_bytes is None:
             self._load(np.asarray([i for i in order if i in stored], dtype=np.int64))
+
+    def _recentre(self, x: np.ndarray, rows: np.ndarray, list_nos: np.ndarray, row_list: np.ndarray) -> None:
+        """Move each rewritten list's centroid to the mean of its own (primary) vectors.
+
+        Inserts and deletes drift a list away from where k-means put its centroid; the
+        list is re-encoded here anyway, so its centroid follows its members (what one
+        more k-means step would do), keeping residual codes small and probes accurate.
+        """
+        own = (row_list[rows] == list_nos) & self.active[list_nos]
+        if not own.any():
+            return
+        owners = list_nos[own]
+        order = np.argsort(owners, kind="stable")
+        lists, starts, counts = np.unique(owners[order], return_index=True, return_counts=True)
+        sums = np.add.reduceat(x[own][order].astype(np.float64), starts, axis=0)
+        means = (sums / counts[:, None]).astype(np.float32)
+        if self.metric == "ip":
+            means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        self.centroids[lists] = means
+        self.codes.set_centroids(lists, means)
+        self._centroids_moved = True
+        self._reset_coarse()
 
     def live_segments(self) -> set[str]:
         used = np.unique(self.directory.segment[self.directory.segment >= 0])

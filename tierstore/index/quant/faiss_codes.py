@@ -193,6 +193,19 @@ class FaissScanner:
         self.ivf.quantizer = coarse
         self._coarse, self._previous = coarse, previous
 
+    def refresh(self) -> None:
+        """Recompute what the scanner derives from the centroids after some moved.
+
+        PQ fast-scan with residuals keeps a table of centroid terms; it is computed over
+        every slot, so through the codec's full quantizer, then the slot index goes back.
+        """
+        if getattr(self.ivf, "by_residual", False) and hasattr(self.ivf, "precompute_table"):
+            self.ivf.quantizer = self.codes.index.quantizer
+            try:
+                self.ivf.precompute_table()
+            finally:
+                self.ivf.quantizer = self._coarse
+
     def load_list(self, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
         """Put a fetched list into an empty slot (one memcpy)."""
         self.ivf.invlists.add_entries(int(list_no), int(ids.shape[0]), faiss.swig_ptr(ids), faiss.swig_ptr(codes))

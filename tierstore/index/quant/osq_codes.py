@@ -99,6 +99,9 @@ class OsqScanner:
     def attach_coarse(self, coarse) -> None:
         self._coarse = coarse
 
+    def refresh(self) -> None:
+        """Nothing cached depends on centroids other than the rewritten lists' own terms."""
+
     def load_list(self, list_no: int, ids: np.ndarray, codes: np.ndarray) -> None:
         packed = np.asarray(codes, dtype=np.uint8).reshape(ids.shape[0], self.codes.code_size)
         raw = self.codec.unpack(packed) if ids.size else np.zeros((0, self.codec.d_used), np.uint8)
