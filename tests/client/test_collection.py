@@ -191,3 +191,12 @@ def test_rerank_zero_returns_code_order(db, blobs):
     assert recall(res.ids, truth) >= 0.85
     for row in res.ids:
         assert len(set(row.tolist())) == len(row)
+
+
+def test_build_progress_bar(db, capsys):
+    col = db.create_collection("c", dim=8)
+    col.add(np.arange(2_000), np.random.default_rng(0).standard_normal((2_000, 8)).astype(np.float32))
+    col.build_index(progress=True, target_list_size=50)
+    assert "index 2,000 vectors" in capsys.readouterr().err
+    col.build_index(target_list_size=50)  # not a terminal: quiet by default
+    assert capsys.readouterr().err == ""

@@ -310,20 +310,21 @@ class Collection:
             self.tier.delete(key)
         self._log.prune(keep=2)
 
-    def build_index(self, **params: Any) -> dict:
+    def build_index(self, *, progress: bool | None = None, **params: Any) -> dict:
         """(Re)build the index over every live vector; ``params`` are :class:`IndexParams` fields.
 
         Returns build statistics. Rows are compacted (deleted vectors dropped) into a new
-        generation; the old one is deleted after the commit.
+        generation; the old one is deleted after the commit. ``progress`` shows a tqdm bar
+        (default: for 100,000 vectors or more when stderr is a terminal).
         """
         with self._lock:
             self._check_open()
             index_params = IndexParams(**params)
             if self.rows.count() == 0:
                 raise InvalidArgument(f"collection {self.name!r} is empty; add vectors before building an index")
-            return self._build(index_params, self._wal.last_lsn)
+            return self._build(index_params, self._wal.last_lsn, progress)
 
-    def _build(self, params: IndexParams, lsn: int) -> dict:
+    def _build(self, params: IndexParams, lsn: int, progress: bool | None = None) -> dict:
         started = time.perf_counter()
         live_rows = np.flatnonzero(self.rows.live)
         stored = live_rows[live_rows < self.vectors.rows]
@@ -341,7 +342,7 @@ class Collection:
         vectors.append(x, attrs)
         index, assignment = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
                                              params=params, cache_bytes=self.memory_cache,
-                                             coalesce_gap=self.db.coalesce_gap)
+                                             coalesce_gap=self.db.coalesce_gap, progress=progress)
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 from collections.abc import Callable
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import CorruptData, InvalidArgument
 from ..store.blob import decode_blob, encode_blob
@@ -111,11 +113,24 @@ class SpannIndex:
     # ------------------------------------------------------------------- build
     @classmethod
     def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
-              cache_bytes: int | None = None, coalesce_gap: int = 0) -> tuple["SpannIndex", np.ndarray]:
-        """Partition, replicate, encode and write rows ``0..len(x)-1``; return the index and each row's list."""
+              cache_bytes: int | None = None, coalesce_gap: int = 0,
+              progress: bool | None = None) -> tuple["SpannIndex", np.ndarray]:
+        """Partition, replicate, encode and write rows ``0..len(x)-1``; return the index and each row's list.
+
+        ``progress``: show a tqdm bar of the build's stages (default: when stderr is a
+        terminal and there are at least 100,000 vectors).
+        """
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.shape[0] == 0:
             raise InvalidArgument("cannot build an index over an empty collection; add vectors first")
+        if progress is None:
+            progress = x.shape[0] >= 100_000 and sys.stderr.isatty()
+        with tqdm(total=4, desc=f"index {x.shape[0]:,} vectors", unit="stage", disable=not progress) as bar:
+            return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar)
+
+    @classmethod
+    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar) -> tuple["SpannIndex", np.ndarray]:
+        bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
                                max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
         nlist = part.nlist
@@ -124,7 +139,11 @@ class SpannIndex:
         centroids[:nlist] = part.centroids
         active = np.zeros(slots, dtype=bool)
         active[:nlist] = True
+        bar.update()
+        bar.set_postfix_str(f"train {params.quantizer}")
         codes = train_codes(params.quantizer, x, centroids, metric=metric, seed=params.seed)
+        bar.update()
+        bar.set_postfix_str("replicate and encode")
         lists = replicate_boundary(x, part.centroids, part.assignment, max_replicas=params.max_replicas,
                                    closure=params.closure, rng_factor=params.rng_factor, metric=metric)
         offsets, rows = group_posting_lists(lists, slots)
@@ -132,12 +151,15 @@ class SpannIndex:
         encoded = codes.encode_lists(x[rows], list_nos, offsets)
         stored = {i: list_bytes(rows[offsets[i]:offsets[i + 1]], encoded[i]) for i in range(nlist)}
         counts = {i: int(offsets[i + 1] - offsets[i]) for i in range(nlist)}
+        bar.update()
+        bar.set_postfix_str("write posting lists")
         directory = empty_directory(slots)
         keys = write_segments(tier, prefix, directory, stored, counts, first_segment=0,
                               segment_bytes=params.segment_bytes)
         index = cls(tier=tier, prefix=prefix, metric=metric, dim=x.shape[1], params=params, centroids=centroids,
                     active=active, codes=codes, directory=directory, next_segment=len(keys),
                     cache_bytes=cache_bytes, coalesce_gap=coalesce_gap)
+        bar.update()
         return index, part.assignment
 
     # -------------------------------------------------------------- persistence
