@@ -50,12 +50,24 @@ class RowTable:
         return int(np.count_nonzero(self.live))
 
     def reindex(self) -> None:
-        """Fold recent ids into the sorted lookup (at a checkpoint)."""
-        rows = np.flatnonzero(self.live)
-        ids = self.ids[rows]
-        order = np.argsort(ids, kind="stable")
-        self._sorted_ids, self._sorted_rows = ids[order], rows[order]
+        """Fold recent ids into the sorted lookup (at a checkpoint).
+
+        When ids grow with rows (the common ``np.arange`` case) the id column itself is
+        the sorted lookup and no copy is kept; otherwise a sorted copy (16 bytes a row).
+        """
         self._recent = {}
+        ids = self.ids
+        if ids.size < 2 or bool((ids[1:] > ids[:-1]).all()):
+            self._sorted_ids, self._sorted_rows = ids, None
+            return
+        rows = np.flatnonzero(self.live)
+        order = np.argsort(ids[rows], kind="stable")
+        self._sorted_ids, self._sorted_rows = ids[rows][order], rows[order]
+
+    def lookup_bytes(self) -> int:
+        """Memory of the row table and its lookup."""
+        extra = 0 if self._sorted_rows is None else self._sorted_ids.nbytes + self._sorted_rows.nbytes
+        return self._ids.nbytes + self._live.nbytes + self._list.nbytes + extra
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Live row of each id, -1 where absent."""
@@ -64,8 +76,9 @@ class RowTable:
         rows = np.full(ids.shape, -1, np.int64)
         if self._sorted_ids.size:
             hit = self._sorted_ids[pos] == ids
-            rows[hit] = self._sorted_rows[pos[hit]]
-            rows[rows >= 0] = np.where(self._live[rows[rows >= 0]], rows[rows >= 0], -1)
+            rows[hit] = pos[hit] if self._sorted_rows is None else self._sorted_rows[pos[hit]]
+            found = rows >= 0
+            rows[found] = np.where(self._live[rows[found]], rows[found], -1)
         if self._recent:
             for i, key in enumerate(ids.tolist()):
                 row = self._recent.get(key)

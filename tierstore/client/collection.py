@@ -441,8 +441,7 @@ class Collection:
                                 "resident_bytes": self.index.resident_bytes(),
                                 "params": self._index_params.to_json() if self._index_params else None}
             out["resident_bytes"] = (vector_bytes + (out["index"]["resident_bytes"] if out["index"] else 0)
-                                     + self.rows._ids.nbytes + self.rows._live.nbytes + self.rows._list.nbytes
-                                     + self.rows._sorted_ids.nbytes * 2 + int(self._flat.ntotal) * self.dim * 4)
+                                     + self.rows.lookup_bytes() + int(self._flat.ntotal) * self.dim * 4)
             out["raw_vector_bytes"] = self.rows.count() * self.dim * 4
             return out
 

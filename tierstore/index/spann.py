@@ -83,13 +83,11 @@ class SpannIndex:
     # ------------------------------------------------------------------ coarse
     def _reset_coarse(self) -> None:
         self.active_lists = np.flatnonzero(self.active).astype(np.int64)
-        self._identity = bool(self.active.all())
         d = self.dim
-        self.coarse = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
-        self.coarse.add(self.centroids[self.active_lists])
         self._centroid_norms = np.einsum("nd,nd->n", self.centroids, self.centroids)
-        # The scanner's own quantizer: the active centroids labelled with their list slots,
-        # so one faiss call (IndexIVF::search) does coarse search and scan in C++.
+        # One coarse index serves probing and the scanner: the active centroids labelled
+        # with their list slots, so one faiss call (IndexIVF::search) does coarse search and
+        # scan in C++, and retired or spare slots can never be probed.
         flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
         self._slot_coarse = faiss.IndexIDMap2(flat)
         self._slot_coarse.own_fields = True
@@ -249,9 +247,13 @@ class SpannIndex:
             self._evict(wanted)
 
     def resident_bytes(self) -> int:
-        """Bytes held in memory: centroids, directory, codec, cached lists (with faiss's slack)."""
+        """Bytes held in memory: centroids (our copy and the coarse index's), directory, codec
+        (whose faiss quantizer holds the centroids once more), tombstone counts, cached lists
+        (with the capacity faiss keeps for emptied lists)."""
         d = self.directory
-        fixed = self.centroids.nbytes * 2 + sum(a.nbytes for a in d.arrays().values()) + self.codes.memory_bytes()
+        active = int(self.active.sum()) * (self.dim * 4 + 16)  # IndexIDMap2: vectors and both id maps
+        fixed = (self.centroids.nbytes + self._centroid_norms.nbytes + active + self.dead.nbytes
+                 + sum(a.nbytes for a in d.arrays().values()) + self.codes.memory_bytes())
         if self.cache_bytes is None:
             return fixed + d.total_bytes()
         return fixed + self._cached + self._garbage
@@ -263,9 +265,7 @@ class SpannIndex:
         n = xq.shape[0]
         coarse = np.empty((n, nprobe), dtype=np.float32)
         lists = np.empty((n, nprobe), dtype=np.int64)
-        self.coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
-        if not self._identity:
-            lists = self.active_lists[lists]
+        self._slot_coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
         if prune_ratio is not None and nprobe > 1:
             if self.metric == "l2":
                 d2 = coarse
@@ -294,8 +294,7 @@ class SpannIndex:
         return {list_no: ids.copy() for list_no, (ids, _codes) in fetched.items()}
 
     def _nearest_active(self, x: np.ndarray, k: int = 1) -> np.ndarray:
-        _, lists = self.coarse.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.active_lists.size))
-        return lists if self._identity else self.active_lists[lists]
+        return self._slot_coarse.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.active_lists.size))[1]
 
     def update(self, new_rows: np.ndarray, new_x: np.ndarray, dead_rows: np.ndarray, row_list: np.ndarray,
                live: np.ndarray, read_vectors: ReadVectors) -> dict:
