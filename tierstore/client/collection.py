@@ -118,7 +118,7 @@ class Collection:
         self.index = None
         if state["index"]:
             self.index = SpannIndex.open(self.tier, state["index"], cache_bytes=self.memory_cache,
-                                         coalesce_gap=self.db.coalesce_gap)
+                                         coalesce_gap=self.db.coalesce_gap, scan_device=self.db.scan_device)
         self._indexed_rows = self.rows.n if self.index is not None else 0
         if self.memory_cache is None or self.index is None:
             self.vectors.load_all()
@@ -342,7 +342,8 @@ class Collection:
         vectors.append(x, attrs)
         index, assignment = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
                                              params=params, cache_bytes=self.memory_cache,
-                                             coalesce_gap=self.db.coalesce_gap, progress=progress)
+                                             coalesce_gap=self.db.coalesce_gap, progress=progress,
+                                             scan_device=self.db.scan_device)
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n

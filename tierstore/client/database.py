@@ -10,6 +10,10 @@ its posting lists and full-precision vectors (fastest search); a byte count keep
 the centroids, the posting directory and at most that many bytes of recently probed
 lists, and reads reranking vectors from the tier per query (the tiered mode: memory
 far below the size of the vectors).
+
+``scan_device="cuda"`` (torch) keeps the held posting lists decoded in GPU memory and
+scans them there (:mod:`tierstore.index.quant.torch_scanner`); quantizers ``sq8``,
+``sq4`` and ``pq4fs``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class Database:
 
     def __init__(self, uri: str | os.PathLike, *, endpoint_url: str | None = None, cache_dir: str | None = None,
                  memory_cache: int | None = None, flush_rows: int = 50_000, auto_index_rows: int = 20_000,
-                 map_size: int = 1 << 30, tier: BaseTier | None = None) -> None:
+                 map_size: int = 1 << 30, tier: BaseTier | None = None, scan_device: str | None = None) -> None:
         if memory_cache is not None and (isinstance(memory_cache, bool) or not isinstance(memory_cache, int)
                                          or memory_cache < 0):
             raise InvalidArgument(f"memory_cache must be None or a byte count >= 0, got {memory_cache!r}")
@@ -72,6 +76,7 @@ class Database:
             self._owns_tier = False
         self.tier = tier
         self.memory_cache = memory_cache
+        self.scan_device = scan_device
         self.flush_rows = flush_rows
         self.auto_index_rows = auto_index_rows
         self._collections: dict[str, Collection] = {}

@@ -55,8 +55,10 @@ class SpannIndex:
 
     def __init__(self, *, tier, prefix: str, metric: str, dim: int, params: IndexParams, centroids: np.ndarray,
                  active: np.ndarray, codes, directory: PostingDirectory, next_segment: int,
-                 cache_bytes: int | None, coalesce_gap: int = 0, dead: np.ndarray | None = None) -> None:
+                 cache_bytes: int | None, coalesce_gap: int = 0, dead: np.ndarray | None = None,
+                 scan_device: str | None = None) -> None:
         self.tier = tier
+        self.scan_device = scan_device
         self.prefix = prefix
         self.metric = metric
         self.dim = dim
@@ -97,7 +99,12 @@ class SpannIndex:
             self.scanner.attach_coarse(self._slot_coarse)
 
     def _new_scanner(self) -> None:
-        self.scanner = self.codes.new_scanner()
+        if self.scan_device is not None:
+            from .quant.torch_scanner import TorchScanner
+
+            self.scanner = TorchScanner(self.codes, self.scan_device)
+        else:
+            self.scanner = self.codes.new_scanner()
         self.scanner.attach_coarse(self._slot_coarse)
         self.loaded = np.zeros(self.directory.nlist, dtype=bool)
         self._lru: collections.OrderedDict[int, int] = collections.OrderedDict()
@@ -112,7 +119,7 @@ class SpannIndex:
     @classmethod
     def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
               cache_bytes: int | None = None, coalesce_gap: int = 0,
-              progress: bool | None = None) -> tuple["SpannIndex", np.ndarray]:
+              progress: bool | None = None, scan_device: str | None = None) -> tuple["SpannIndex", np.ndarray]:
         """Partition, replicate, encode and write rows ``0..len(x)-1``; return the index and each row's list.
 
         ``progress``: show a tqdm bar of the build's stages (default: when stderr is a
@@ -124,10 +131,11 @@ class SpannIndex:
         if progress is None:
             progress = x.shape[0] >= 100_000 and sys.stderr.isatty()
         with tqdm(total=4, desc=f"index {x.shape[0]:,} vectors", unit="stage", disable=not progress) as bar:
-            return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar)
+            return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device)
 
     @classmethod
-    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar) -> tuple["SpannIndex", np.ndarray]:
+    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar,
+               scan_device) -> tuple["SpannIndex", np.ndarray]:
         bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
                                max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
@@ -156,7 +164,7 @@ class SpannIndex:
                               segment_bytes=params.segment_bytes)
         index = cls(tier=tier, prefix=prefix, metric=metric, dim=x.shape[1], params=params, centroids=centroids,
                     active=active, codes=codes, directory=directory, next_segment=len(keys),
-                    cache_bytes=cache_bytes, coalesce_gap=coalesce_gap)
+                    cache_bytes=cache_bytes, coalesce_gap=coalesce_gap, scan_device=scan_device)
         bar.update()
         return index, part.assignment
 
@@ -173,7 +181,8 @@ class SpannIndex:
         self.tier.put(key, encode_blob(header, sections=sections, align=64))
 
     @classmethod
-    def open(cls, tier, key: str, *, cache_bytes: int | None = None, coalesce_gap: int = 0) -> "SpannIndex":
+    def open(cls, tier, key: str, *, cache_bytes: int | None = None, coalesce_gap: int = 0,
+             scan_device: str | None = None) -> "SpannIndex":
         value = tier.get(key)
         blob = decode_blob(value, source=key)
         head = blob.header
@@ -193,7 +202,7 @@ class SpannIndex:
                    params=IndexParams.from_json(head["params"]), centroids=centroids,
                    active=arr("active", np.uint8).astype(bool), codes=codes, directory=directory,
                    next_segment=int(head["next_segment"]), cache_bytes=cache_bytes, coalesce_gap=coalesce_gap,
-                   dead=arr("dead", "<i8"))
+                   dead=arr("dead", "<i8"), scan_device=scan_device)
 
     # ------------------------------------------------------------------- cache
     def _load(self, list_nos: np.ndarray) -> None:
@@ -227,8 +236,7 @@ class SpannIndex:
 
     def _compact(self) -> None:
         old, held = self.scanner, list(self._lru)
-        self.scanner = self.codes.new_scanner()
-        self.scanner.attach_coarse(self._slot_coarse)
+        self._new_scanner()
         for list_no in held:
             self.scanner.load_list(list_no, *old.list_arrays(list_no))
         self._garbage = 0
