@@ -11,7 +11,9 @@ reported:
 - ``QPS 1q``: one query per call, ``search(xq[i:i+1], 10)``, single thread, over the
   first ``--single-queries`` queries (fewer for slow settings: each pass is capped);
 - ``QPS b100``: batches of 100 queries per call, single thread;
-- build seconds (with ``--build-threads`` threads) and index bytes (``serialize_index``).
+- build seconds (with ``--build-threads`` threads) and index bytes (``serialize_index``;
+  for tierstore, ``Collection.stats()["resident_bytes"]``: what the collection holds in
+  memory in that layout).
 
 The summaries give, per system, the recall/QPS Pareto points and the best single-query
 QPS at recall@10 >= 0.90 and >= 0.95: the speed to beat. ``faiss`` searches run with
@@ -29,8 +31,11 @@ moto server started here) and ``tierstore-s3-60ms`` (the same behind a latency p
 ``--s3-latency-ms``) are *measured* systems: their searcher has a ``measure`` method that
 times cold single queries in a fresh process, outside the interleaved loop. They get a
 second table: latency p50/p95, dependent read rounds, reads / S3 GETs and bytes per
-query, resident memory against the raw vectors, process RSS. ``--systems tierstore``
-selects all four; ``tierstore-s3`` selects both S3 passes.
+query, resident memory against the raw vectors, process RSS. Their ``QPS 1q`` is one
+pass (queries / summed latency, first cold query included), their ``QPS b100`` (LMDB
+only) one batch pass over the recall queries. ``--systems tierstore`` selects all four;
+``tierstore-s3`` selects both S3 passes. ``--cold-queries``, ``--s3-queries`` and
+``--s3-latency-ms`` size them; ``--workdir`` places the temporary database.
 """
 
 from __future__ import annotations
@@ -326,14 +331,31 @@ def run(dataset: Dataset, systems: Sequence[System], *, rounds: int, single_quer
     singles = [np.ascontiguousarray(queries[i:i + 1]) for i in range(min(single_queries, len(queries)))]
     batches = [np.ascontiguousarray(queries[i:i + BATCH]) for i in range(0, len(queries) - BATCH + 1, BATCH)]
     built: list[tuple[System, Searcher, float, int]] = []
-    for system in systems:
-        _set_threads(build_threads)
-        start = time.perf_counter()
-        searcher = system.build(dataset)
-        build_s = time.perf_counter() - start + searcher.reused_build_s
-        built.append((system, searcher, build_s, searcher.index_bytes()))
-        log(f"built {system.name} ({system.describe()}) in {build_s:.1f} s, {built[-1][3] / 2**20:.1f} MiB")
+    try:  # searchers may hold servers, processes and temporary files: always close them
+        for system in systems:
+            _set_threads(build_threads)
+            start = time.perf_counter()
+            searcher = system.build(dataset)
+            build_s = time.perf_counter() - start + searcher.reused_build_s
+            try:
+                nbytes = searcher.index_bytes()
+            except BaseException:
+                searcher.close()
+                raise
+            built.append((system, searcher, build_s, nbytes))
+            log(f"built {system.name} ({system.describe()}) in {build_s:.1f} s, {nbytes / 2**20:.1f} MiB")
+        records = _time_and_measure(built, queries, gt_ids, singles, batches, rounds=rounds, pass_seconds=pass_seconds,
+                                    build_threads=build_threads, log=log)
+    finally:
+        for _, searcher, _, _ in built:
+            searcher.close()
+    order = {system.name: position for position, (system, _, _, _) in enumerate(built)}
+    return sorted(records, key=lambda record: order[record["system"]])  # stable: settings keep their order
 
+
+def _time_and_measure(built: Sequence[tuple[System, Any, float, int]], queries: np.ndarray, gt_ids: np.ndarray,
+                      singles: Sequence[np.ndarray], batches: Sequence[np.ndarray], *, rounds: int,
+                      pass_seconds: float, build_threads: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
     records, single_passes, batch_passes = [], [], []
     for system, searcher, build_s, nbytes in built:
         if hasattr(searcher, "measure"):
@@ -378,10 +400,7 @@ def run(dataset: Dataset, systems: Sequence[System], *, rounds: int, single_quer
             if record.get("single_agrees_with_batch", 1.0) < 0.99:
                 log(f"warning: {system.name} {record['label']}: results differ from the in-memory search "
                     f"for {1 - record['single_agrees_with_batch']:.1%} of queries")
-    for _, searcher, _, _ in built:
-        searcher.close()
-    order = {system.name: position for position, (system, _, _, _) in enumerate(built)}
-    return sorted(records, key=lambda record: order[record["system"]])  # stable: settings keep their order
+    return records
 
 
 def call_floor(dim: int, rounds: int) -> dict[str, float]:
@@ -448,11 +467,13 @@ def plot(path: str, dataset: Dataset, systems: Sequence[System], records: Sequen
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 6))
-    for system in systems:
+    colours = plt.get_cmap("tab10" if len(systems) <= 10 else "tab20").colors
+    for number, system in enumerate(systems):
         mine = [record for record in records if record["system"] == system.name]
         front = pareto(mine)
-        line, = axes.plot([r["recall_at_10"] for r in front], [r["qps_single"] for r in front], "o-",
-                          label=system.name, markersize=4)
+        style = "s--" if system.name.startswith("tierstore") else "o-"  # tierstore's layouts stand out
+        line, = axes.plot([r["recall_at_10"] for r in front], [r["qps_single"] for r in front], style,
+                          label=system.name, markersize=4, color=colours[number % len(colours)])
         axes.scatter([r["recall_at_10"] for r in mine], [r["qps_single"] for r in mine], s=8,
                      color=line.get_color(), alpha=0.3)
     for threshold in THRESHOLDS:

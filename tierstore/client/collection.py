@@ -107,7 +107,8 @@ class Collection:
         self._gen = int(state["generation"])
         self._checkpoint = int(state["checkpoint"])
         self._index_params = IndexParams.from_json(state["index_params"]) if state["index_params"] else None
-        self.vectors = VectorStore(self.tier, self._gen_prefix, self.dim, chunks=state["vectors"])
+        self.vectors = VectorStore(self.tier, self._gen_prefix, self.dim, chunks=state["vectors"],
+                                   coalesce_gap=self.db.coalesce_gap)
         if state["rows"]:
             blob = decode_blob(self.tier.get(state["rows"]), source=state["rows"])
             self.rows = RowTable(np.frombuffer(blob.section("ids"), "<i8").copy(),
@@ -134,11 +135,16 @@ class Collection:
     def _gen_prefix(self) -> str:
         return f"{self.prefix}/g{self._gen:06d}"
 
-    def _reset_delta(self) -> None:
-        """The exact part of search: rows from ``_indexed_rows`` on (all rows when there is no index)."""
-        self._flat = faiss.IndexFlatL2(self.dim) if self._index_metric == "l2" else faiss.IndexFlatIP(self.dim)
-        if self.vectors.rows > self._indexed_rows:
-            self._flat.add(self.vectors.load_all()[self._indexed_rows:])
+    def _reset_delta(self, keep_flat: bool = False) -> None:
+        """The exact part of search: rows from ``_indexed_rows`` on (all rows when there is no index).
+
+        ``keep_flat``: the flat index already holds exactly those rows (a checkpoint without
+        an index), so it is kept rather than rebuilt from every stored vector.
+        """
+        if not keep_flat:
+            self._flat = faiss.IndexFlatL2(self.dim) if self._index_metric == "l2" else faiss.IndexFlatIP(self.dim)
+            if self.vectors.rows > self._indexed_rows:
+                self._flat.add(self.vectors.load_all()[self._indexed_rows:])
         self._delta_x: list[np.ndarray] = []
         self._delta_attrs: list = []
         self._dead_indexed: list[np.ndarray] = []
@@ -294,7 +300,7 @@ class Collection:
         self._manifest = self._log.commit(state, expected_version=self._manifest.version)
         self._wal.truncate(lsn)
         self.rows.reindex()
-        self._reset_delta()
+        self._reset_delta(keep_flat=self.index is None and self._flat.ntotal == self.rows.n)
         self._collect_garbage(old)
 
     def _collect_garbage(self, old: Mapping) -> None:
@@ -338,12 +344,14 @@ class Collection:
         ids = self.rows.ids[live_rows]
         self._gen += 1
         self._checkpoint = 0
-        vectors = VectorStore(self.tier, self._gen_prefix, self.dim)
+        index, assignment, order = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
+                                                    params=params, cache_bytes=self.memory_cache,
+                                                    coalesce_gap=self.db.coalesce_gap, progress=progress,
+                                                    scan_device=self.db.scan_device)
+        x, ids = x[order], ids[order]
+        attrs = None if attrs is None else [attrs[i] for i in order.tolist()]
+        vectors = VectorStore(self.tier, self._gen_prefix, self.dim, coalesce_gap=self.db.coalesce_gap)
         vectors.append(x, attrs)
-        index, assignment = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
-                                             params=params, cache_bytes=self.memory_cache,
-                                             coalesce_gap=self.db.coalesce_gap, progress=progress,
-                                             scan_device=self.db.scan_device)
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n

@@ -49,7 +49,7 @@ def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map
     from ..tiers.lmdb import LmdbTier
 
     os.makedirs(uri, exist_ok=True)
-    return LmdbTier(os.path.join(uri, "tierstore.lmdb"), map_size=map_size), 0
+    return LmdbTier(os.path.join(uri, "tierstore.lmdb"), map_size=map_size), 16 * 1024
 
 
 class Database:

@@ -141,15 +141,15 @@ def plan_reads(directory: PostingDirectory, list_nos: np.ndarray, *, coalesce_ga
     order = np.lexsort((start, seg))
     list_nos, seg, start = list_nos[order], seg[order], start[order]
     end = start + directory.length[list_nos]
-    # A new read starts where the segment changes or the gap to the previous list is too wide.
-    run_end = np.maximum.accumulate(end)
+    # A new read starts where the segment changes or the gap to the previous list is too
+    # wide. Lists of a segment never overlap, so within a segment ``end`` grows with ``start``.
     breaks = np.ones(list_nos.size, dtype=bool)
-    breaks[1:] = (seg[1:] != seg[:-1]) | (start[1:] - run_end[:-1] > coalesce_gap)
+    breaks[1:] = (seg[1:] != seg[:-1]) | (start[1:] - end[:-1] > coalesce_gap)
     firsts = np.flatnonzero(breaks)
     lasts = np.append(firsts[1:], list_nos.size)
     requests, groups = [], []
     for a, b in zip(firsts.tolist(), lasts.tolist()):
-        requests.append((directory.segment_keys[int(seg[a])], int(start[a]), int(run_end[b - 1])))
+        requests.append((directory.segment_keys[int(seg[a])], int(start[a]), int(end[b - 1])))
         groups.append(list_nos[a:b])
     return ReadPlan(requests, groups)
 

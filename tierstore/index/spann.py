@@ -119,8 +119,11 @@ class SpannIndex:
     @classmethod
     def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
               cache_bytes: int | None = None, coalesce_gap: int = 0,
-              progress: bool | None = None, scan_device: str | None = None) -> tuple["SpannIndex", np.ndarray]:
-        """Partition, replicate, encode and write rows ``0..len(x)-1``; return the index and each row's list.
+              progress: bool | None = None, scan_device: str | None = None):
+        """Partition, replicate, encode and write the rows of ``x``.
+
+        Returns ``(index, assignment, order)``: the index's row ``r`` is ``x[order[r]]``
+        (rows are renumbered list by list) and ``assignment[r]`` is its primary list.
 
         ``progress``: show a tqdm bar of the build's stages (default: when stderr is a
         terminal and there are at least 100,000 vectors).
@@ -134,11 +137,15 @@ class SpannIndex:
             return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device)
 
     @classmethod
-    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar,
-               scan_device) -> tuple["SpannIndex", np.ndarray]:
+    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device):
         bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
                                max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
+        # Rows are renumbered list by list, so a list's vectors are neighbours in the vector
+        # chunks too: the rerank reads of one query's candidates then coalesce.
+        order = np.argsort(part.assignment, kind="stable")
+        x = x[order]
+        part = type(part)(centroids=part.centroids, assignment=part.assignment[order])
         nlist = part.nlist
         slots = nlist + max(1, math.ceil(nlist * params.spare_lists))
         centroids = np.zeros((slots, x.shape[1]), dtype=np.float32)
@@ -166,7 +173,7 @@ class SpannIndex:
                     active=active, codes=codes, directory=directory, next_segment=len(keys),
                     cache_bytes=cache_bytes, coalesce_gap=coalesce_gap, scan_device=scan_device)
         bar.update()
-        return index, part.assignment
+        return index, part.assignment, order
 
     # -------------------------------------------------------------- persistence
     def save(self, key: str) -> None:
@@ -235,11 +242,12 @@ class SpannIndex:
             self._compact()
 
     def _compact(self) -> None:
-        old, held = self.scanner, list(self._lru)
-        self._new_scanner()
-        for list_no in held:
+        """Move the held lists into a fresh scanner, releasing what evicted lists left behind."""
+        old, loaded, lru, cached = self.scanner, self.loaded, self._lru, self._cached
+        self._new_scanner()  # resets the cache bookkeeping, restored below
+        for list_no in lru:
             self.scanner.load_list(list_no, *old.list_arrays(list_no))
-        self._garbage = 0
+        self.loaded, self._lru, self._cached, self._garbage = loaded, lru, cached, 0
 
     def ensure_loaded(self, lists: np.ndarray) -> None:
         """Fetch the probed lists that are not cached (one round) and mark all as recently used."""

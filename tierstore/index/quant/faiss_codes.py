@@ -90,6 +90,11 @@ class FaissCodes:
         if name == "pq4fs":
             index.pq.cp.seed = seed
             index.by_residual = True  # faiss defaults to coding raw vectors here: far less accurate
+            # No precomputed residual table: it is nlist x M x 16 floats (10 MiB at 574 lists of
+            # 384-d, 59 MiB at 1M vectors), held by the codec and every scanner, more than the
+            # rest of a tiered index; inner product never reads it and L2 computes each probed
+            # list's table at search time (d x 16 multiply-adds a list).
+            index.use_precomputed_table = -1
         index.train(x)
         return cls(name, metric, index)
 
@@ -158,8 +163,8 @@ class FaissCodes:
         flat = faiss.downcast_index(self.index.quantizer)
         xb = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
         xb[np.asarray(slots)] = vectors
-        if getattr(self.index, "by_residual", False) and hasattr(self.index, "precompute_table"):
-            self.index.precompute_table()  # PQ fast-scan's residual terms depend on the centroids
+        if getattr(self.index, "use_precomputed_table", -1) != -1 and getattr(self.index, "by_residual", False):
+            self.index.precompute_table()  # a codec stored with the residual table
 
     # ------------------------------------------------------------------ scanning
     def new_scanner(self) -> "FaissScanner":
@@ -186,12 +191,20 @@ class FaissScanner:
         self._previous = None
 
     def attach_coarse(self, coarse: faiss.Index) -> None:
-        previous = self.ivf.quantizer
-        if self.ivf.own_fields and previous.this.own() is False:
-            previous.this.acquire()  # the clone's quantizer: Python frees it from now on
-        self.ivf.own_fields = False
+        """Scan through ``coarse`` (kept alive by the caller) instead of the clone's own quantizer.
+
+        The clone keeps ownership of its own quantizer: the pointer is put back before the
+        IVF is destroyed (:meth:`__del__`), so faiss frees exactly what it allocated.
+        """
+        if self._previous is None:
+            self._previous = self.ivf.quantizer
         self.ivf.quantizer = coarse
-        self._coarse, self._previous = coarse, previous
+        self._coarse = coarse
+
+    def __del__(self) -> None:
+        ivf, previous = getattr(self, "ivf", None), getattr(self, "_previous", None)
+        if ivf is not None and previous is not None:
+            ivf.quantizer = previous
 
     def refresh(self) -> None:
         """Recompute what the scanner derives from the centroids after some moved.
@@ -199,7 +212,7 @@ class FaissScanner:
         PQ fast-scan with residuals keeps a table of centroid terms; it is computed over
         every slot, so through the codec's full quantizer, then the slot index goes back.
         """
-        if getattr(self.ivf, "by_residual", False) and hasattr(self.ivf, "precompute_table"):
+        if getattr(self.ivf, "by_residual", False) and getattr(self.ivf, "use_precomputed_table", -1) != -1:
             self.ivf.quantizer = self.codes.index.quantizer
             try:
                 self.ivf.precompute_table()
