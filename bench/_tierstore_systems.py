@@ -74,7 +74,7 @@ if __name__ == "__main__":
 
 COLLECTION = "ann"
 ADD_BATCH = 50_000
-TARGET_LIST_SIZE = 100
+TARGET_LIST_SIZE = None  # the library's default: sqrt(n) vectors per list
 BUCKET = "tierstore-bench"
 S3_PREFIX = "ann"
 K = 10
@@ -87,15 +87,15 @@ def _grid(nprobes: Sequence[int], reranks: Sequence[int]) -> tuple[dict[str, int
 
 
 def memory_settings(quick: bool) -> tuple[dict[str, int], ...]:
-    return _grid((8, 16, 24, 32), (2, 4)) if quick else _grid((8, 12, 16, 20, 24, 32, 48), (2, 4))
+    return _grid((8, 12, 16, 24), (3, 4)) if quick else _grid((6, 8, 10, 12, 14, 16, 20, 24, 32), (2, 3, 4))
 
 
 def cold_settings(quick: bool) -> tuple[dict[str, int], ...]:
-    return _grid((16, 24, 32), (4,)) if quick else _grid((8, 16, 24, 32, 48), (4,))
+    return _grid((12, 16), (3, 4)) if quick else _grid((8, 12, 16, 24), (3, 4))
 
 
 def s3_settings(quick: bool) -> tuple[dict[str, int], ...]:
-    return _grid((24,), (4,)) if quick else _grid((16, 32), (4,))
+    return _grid((16,), (4,)) if quick else _grid((12, 16), (4,))
 
 
 # --------------------------------------------------------------------------- the shared build
@@ -158,7 +158,8 @@ class SharedBuild:
             stop = min(n, start + ADD_BATCH)
             col.add(ids=np.arange(start, stop, dtype=np.int64), vectors=dataset.base[start:stop])
         self.add_s = time.perf_counter() - started
-        self.info = dict(col.build_index(quantizer=self.quantizer, target_list_size=TARGET_LIST_SIZE))
+        params = {} if TARGET_LIST_SIZE is None else {"target_list_size": TARGET_LIST_SIZE}
+        self.info = dict(col.build_index(quantizer=self.quantizer, **params))
         self.col = col
         self.build_s = time.perf_counter() - started
         self.log(f"tierstore: built {n:,} x {d} ({self.quantizer}, {self.info.get('lists')} lists, "
@@ -382,7 +383,8 @@ def tierstore_systems(dataset: Any, options: Any, system: Callable[..., Any]) ->
     cold_queries = getattr(options, "cold_queries", None) or (200 if quick else 500)
     s3_queries = getattr(options, "s3_queries", None) or (20 if quick else 50)
     latency_ms = float(getattr(options, "s3_latency_ms", 60.0))
-    codes = f"SPANN,{quantizer},list~{TARGET_LIST_SIZE},rerank exact"
+    size = "sqrt(n)" if TARGET_LIST_SIZE is None else TARGET_LIST_SIZE
+    codes = f"SPANN,{quantizer},list~{size},rerank exact"
 
     def build_memory(data: Any) -> MemorySearcher:
         return MemorySearcher(shared, shared.acquire(data))
@@ -402,7 +404,8 @@ def tierstore_systems(dataset: Any, options: Any, system: Callable[..., Any]) ->
 
     systems = [
         system("tierstore-mem", build_memory, memory_settings(quick),
-               f"{codes}; memory_cache=None (lists + vectors resident)", aliases=("tierstore",)),
+               f"{codes}; memory_cache=None (lists + vectors resident)",
+               aliases=("tierstore", "tierstore-quantizers")),
         system("tierstore-lmdb-cold", build_cold, cold_settings(quick),
                f"{codes}; LMDB, memory_cache=0, fresh process per pass ({cold_queries} single queries)",
                aliases=("tierstore", "tierstore-cold")),
@@ -415,6 +418,20 @@ def tierstore_systems(dataset: Any, options: Any, system: Callable[..., Any]) ->
                               f"{codes}; S3 on moto + {latency_ms:g} ms per request (latency proxy), "
                               f"memory_cache=0, fresh process ({s3_queries} single queries)",
                               aliases=("tierstore", "tierstore-s3")))
+    # The other list codes, in memory, to compare formats in the same run (`--systems tierstore-quantizers`).
+    from tierstore.index.quant import QUANTIZERS
+
+    for other in QUANTIZERS:
+        if other == quantizer:
+            continue
+        other_build = SharedBuild(quantizer=other, workdir=getattr(options, "workdir", None))
+
+        def build_other(data: Any, other_build: SharedBuild = other_build) -> MemorySearcher:
+            return MemorySearcher(other_build, other_build.acquire(data))
+
+        systems.append(system(f"tierstore-mem-{other}", build_other, memory_settings(quick),
+                              f"SPANN,{other},list~{size},rerank exact; memory_cache=None",
+                              aliases=("tierstore-quantizers",)))
     return systems
 
 

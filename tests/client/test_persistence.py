@@ -114,11 +114,11 @@ def test_reopen_checks_settings(tmp_path):
 def test_corrupt_posting_list_is_an_error(tmp_path, blobs):
     xb, xq, _ = blobs
     with tierstore.connect(tmp_path / "db") as db:
-        _fill(db, xb[:3000])
-        keys = [k for k in db.tier.list("collections/c/") if "/seg/" in k]
-        value = bytearray(db.tier.get(keys[0]))
-        value[len(value) // 2] ^= 0xFF
-        db.tier.put(keys[0], bytes(value))
+        directory = _fill(db, xb[:3000]).index.directory
+        key = directory.segment_keys[int(directory.segment[0])]
+        value = bytearray(db.tier.get(key))
+        value[int(directory.offset[0] + directory.length[0] // 2)] ^= 0xFF  # inside list 0's bytes
+        db.tier.put(key, bytes(value))
     with pytest.raises(tierstore.CorruptData):
         with tierstore.connect(tmp_path / "db") as db:
             db.collection("c")

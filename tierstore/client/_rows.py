@@ -18,8 +18,10 @@ class RowTable:
     def __init__(self, ids: np.ndarray | None = None, live: np.ndarray | None = None,
                  row_list: np.ndarray | None = None) -> None:
         n = 0 if ids is None else int(ids.shape[0])
-        cap = max(1024, n)
-        self._ids = np.zeros(cap, np.int64)
+        cap = max(1024, n + 1)
+        # The last slot is never used and holds id -1: ``_ids[rows]`` maps the -1 row padding
+        # of search results to id -1 without a second pass.
+        self._ids = np.full(cap, -1, np.int64)
         self._live = np.zeros(cap, bool)
         self._list = np.full(cap, -1, np.int32)
         if n:
@@ -40,6 +42,11 @@ class RowTable:
     @property
     def row_list(self) -> np.ndarray:
         return self._list[:self.n]
+
+    @property
+    def ids_full(self) -> np.ndarray:
+        """The whole id buffer; its last entry is -1, so indexing it with row -1 gives id -1."""
+        return self._ids
 
     @property
     def live_full(self) -> np.ndarray:
@@ -89,9 +96,9 @@ class RowTable:
     def append(self, ids: np.ndarray) -> np.ndarray:
         """Add live rows for ``ids``; return their row numbers."""
         start, stop = self.n, self.n + ids.size
-        if stop > self._ids.size:
-            cap = max(stop, 2 * self._ids.size)
-            self._ids = np.concatenate([self._ids, np.zeros(cap - self._ids.size, np.int64)])
+        if stop + 1 > self._ids.size:
+            cap = max(stop + 1, 2 * self._ids.size)
+            self._ids = np.concatenate([self._ids, np.full(cap - self._ids.size, -1, np.int64)])
             self._live = np.concatenate([self._live, np.zeros(cap - self._live.size, bool)])
             self._list = np.concatenate([self._list, np.full(cap - self._list.size, -1, np.int32)])
         self._ids[start:stop] = ids

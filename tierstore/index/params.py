@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgument, InvalidType
@@ -25,7 +26,10 @@ class IndexParams:
 
     :param quantizer: code format of the posting lists (``"pq4fs"``, ``"sq8"``, ``"sq4"``,
         ``"rabitq"``); see :mod:`tierstore.index.quant`.
-    :param target_list_size: vectors per posting list aimed at (before replication).
+    :param target_list_size: vectors per posting list aimed at (before replication);
+        ``None`` (default) picks ``sqrt(n)`` within 64..4096 at build time: about 224 at
+        50,000 vectors, 1,000 at a million (fast-scan codes want long lists, and fewer
+        lists mean fewer centroids to compare each query with).
     :param max_list_size: hard bound on a list's length; an update that grows a list past
         it splits the list (default ``2 * target_list_size``).
     :param max_replicas: lists a boundary vector may be stored in (SPANN; 1 disables).
@@ -37,10 +41,10 @@ class IndexParams:
     """
 
     quantizer: str = DEFAULT_QUANTIZER
-    target_list_size: int = 100
+    target_list_size: int | None = None
     max_list_size: int | None = None
-    max_replicas: int = 4
-    closure: float = 1.3
+    max_replicas: int = 8
+    closure: float = 2.0
     rng_factor: float = 1.0
     segment_bytes: int = 1 << 20
     spare_lists: float = 0.5
@@ -50,9 +54,10 @@ class IndexParams:
     def __post_init__(self) -> None:
         if self.quantizer not in QUANTIZERS:
             raise InvalidArgument(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
-        _check_number("target_list_size", self.target_list_size, low=8, integer=True)
+        if self.target_list_size is not None:
+            _check_number("target_list_size", self.target_list_size, low=8, integer=True)
         if self.max_list_size is not None:
-            _check_number("max_list_size", self.max_list_size, low=self.target_list_size, integer=True)
+            _check_number("max_list_size", self.max_list_size, low=self.target_list_size or 8, integer=True)
         _check_number("max_replicas", self.max_replicas, low=1, high=8, integer=True)
         _check_number("closure", self.closure, low=1.0, integer=False)
         _check_number("rng_factor", self.rng_factor, low=0.0, integer=False)
@@ -63,7 +68,17 @@ class IndexParams:
 
     @property
     def list_limit(self) -> int:
+        """The hard bound on a list's length (needs a resolved ``target_list_size``)."""
         return self.max_list_size or 2 * self.target_list_size
+
+    def resolved(self, n: int) -> "IndexParams":
+        """These parameters with ``target_list_size`` fixed for ``n`` vectors."""
+        if self.target_list_size is not None:
+            return self
+        target = int(min(4096, max(64, round(n ** 0.5))))
+        if self.max_list_size is not None:
+            target = min(target, self.max_list_size)
+        return dataclasses.replace(self, target_list_size=target)
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -84,7 +99,7 @@ class SearchParams:
     :param rerank: candidates reranked exactly = ``rerank * k`` (0: return code distances).
     """
 
-    nprobe: int = 24
+    nprobe: int = 16
     prune_ratio: float | None = None
     rerank: int = 4
 

@@ -138,6 +138,7 @@ class SpannIndex:
 
     @classmethod
     def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device):
+        params = params.resolved(x.shape[0])  # the index keeps (and saves) the list size it used
         bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
                                max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
