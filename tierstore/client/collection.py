@@ -13,7 +13,8 @@ Storage under ``collections/<name>/`` in the database's tier::
 then applied in memory: new vectors join an exact *delta* that every search scans, so
 they are found at once; deletes are tombstones. When the delta reaches
 ``flush_rows`` (and on :meth:`Collection.flush` / close) a checkpoint folds it into the
-index without a global rebuild (LIRE, see :mod:`tierstore.index.spann`), writes the
+index without a global rebuild (LIRE, see :mod:`tierstore.index.updates`; checkpoints in
+:mod:`._checkpoints`), writes the
 new state, commits a manifest and truncates the WAL. Adding an id that exists replaces
 its vector and attributes (upsert).
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,13 +35,14 @@ import numpy as np
 
 from ..errors import InvalidArgument, InvalidType, NotFound
 from ..index.params import IndexParams, SearchParams
-from ..index.rerank import merge_topk, rerank
+from ..index.rerank import merge_topk, rerank, top_unique
 from ..index.spann import SpannIndex
 from ..index.vectors import VectorStore
-from ..store.blob import decode_blob, encode_blob
+from ..store.blob import decode_blob
 from ..store.manifest import ManifestLog
 from ..store.wal import WriteAheadLog
 from ..store.wal_records import DeleteRecord, UpsertRecord
+from ._checkpoints import Checkpoints
 from ._rows import RowTable
 from .results import SearchResult
 
@@ -72,7 +73,7 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
     return {"dim": int(dim), "metric": metric, "attributes": schema}
 
 
-class Collection:
+class Collection(Checkpoints):
     """Vectors with int64 ids; see the module docstring. Get one from :class:`Database`."""
 
     def __init__(self, db, name: str, *, memory_cache: int | None, flush_rows: int, auto_index_rows: int) -> None:
@@ -107,8 +108,10 @@ class Collection:
         self._gen = int(state["generation"])
         self._checkpoint = int(state["checkpoint"])
         self._index_params = IndexParams.from_json(state["index_params"]) if state["index_params"] else None
+        # Rerank reads merge rows less eagerly than list reads: a candidate row is 1.5 KB at
+        # d=384, so reading through 256 KiB gaps would fetch ~1 MiB a query on S3.
         self.vectors = VectorStore(self.tier, self._gen_prefix, self.dim, chunks=state["vectors"],
-                                   coalesce_gap=self.db.coalesce_gap)
+                                   coalesce_gap=self.db.coalesce_gap // 8)
         if state["rows"]:
             blob = decode_blob(self.tier.get(state["rows"]), source=state["rows"])
             self.rows = RowTable(np.frombuffer(blob.section("ids"), "<i8").copy(),
@@ -264,116 +267,6 @@ class Collection:
     def _pending(self) -> int:
         return (self.rows.n - self.vectors.rows) + sum(a.size for a in self._dead_indexed)
 
-    # ------------------------------------------------------------- checkpoints
-    def flush(self) -> None:
-        """Fold the WAL into the stored state: vectors, index lists (LIRE), row table, manifest."""
-        with self._lock:
-            self._check_open()
-            if not self._pending() and self._wal.last_lsn == self._manifest.state["wal_lsn"]:
-                return
-            lsn = self._wal.last_lsn
-            stats = {}
-            if self.rows.n > self.vectors.rows:
-                new_x = np.concatenate(self._delta_x)
-                self.vectors.append(new_x, self._delta_attrs if any(a is not None for a in self._delta_attrs) else None)
-            if self.index is not None:
-                new_rows = np.arange(self._indexed_rows, self.rows.n, dtype=np.int64)
-                new_x = self.vectors.read_rows(new_rows) if new_rows.size else np.zeros((0, self.dim), np.float32)
-                dead = np.unique(np.concatenate(self._dead_indexed)) if self._dead_indexed else np.zeros(0, np.int64)
-                stats = self.index.update(new_rows, new_x, dead, self.rows._list, self.rows.live_full,
-                                          self.vectors.read_rows)
-                self._indexed_rows = self.rows.n
-            elif self.rows.count() >= self.auto_index_rows:
-                self._build(self._index_params or IndexParams(), lsn)
-                return
-            self._commit(lsn)
-            self._last_update = stats
-
-    def _commit(self, lsn: int) -> None:
-        self._checkpoint += 1
-        rows_key = f"{self._gen_prefix}/rows-{self._checkpoint:06d}"
-        self.tier.put(rows_key, encode_blob({"kind": "row-table", "format": 1, "rows": self.rows.n}, sections={
-            "ids": self.rows.ids, "live": self.rows.live.astype(np.uint8), "row_list": self.rows.row_list},
-            align=64))
-        index_key = None
-        if self.index is not None:
-            index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}"
-            self.index.save(index_key)
-        old = self._manifest.state
-        state = {"settings": self.settings, "generation": self._gen, "checkpoint": self._checkpoint,
-                 "index": index_key, "rows": rows_key, "vectors": self.vectors.state(), "wal_lsn": lsn,
-                 "index_params": self._index_params.to_json() if self._index_params else None}
-        self._manifest = self._log.commit(state, expected_version=self._manifest.version)
-        self._wal.truncate(lsn)
-        self.rows.reindex()
-        self._reset_delta(keep_flat=self.index is None and self._flat.ntotal == self.rows.n)
-        self._collect_garbage(old)
-
-    def _collect_garbage(self, old: Mapping) -> None:
-        """Delete blobs the new state no longer names (after the commit: a crash only leaks)."""
-        doomed = [k for k in (old.get("rows"), old.get("index")) if k and k not in (self._manifest.state["rows"],
-                                                                                   self._manifest.state["index"])]
-        if int(old.get("generation", self._gen)) != self._gen:
-            doomed = self.tier.list(f"{self.prefix}/g{int(old['generation']):06d}/")
-        elif self.index is not None:
-            live = self.index.live_segments()
-            doomed += [k for k in self.tier.list(f"{self._gen_prefix}/seg/") if k not in live]
-        for key in doomed:
-            self.tier.delete(key)
-        self._log.prune(keep=2)
-
-    def build_index(self, *, progress: bool | None = None, **params: Any) -> dict:
-        """(Re)build the index over every live vector; ``params`` are :class:`IndexParams` fields.
-
-        Returns build statistics. Rows are compacted (deleted vectors dropped) into a new
-        generation; the old one is deleted after the commit. ``progress`` shows a tqdm bar
-        (default: for 100,000 vectors or more when stderr is a terminal).
-        """
-        with self._lock:
-            self._check_open()
-            index_params = IndexParams(**params)
-            if self.rows.count() == 0:
-                raise InvalidArgument(f"collection {self.name!r} is empty; add vectors before building an index")
-            return self._build(index_params, self._wal.last_lsn, progress)
-
-    def _build(self, params: IndexParams, lsn: int, progress: bool | None = None) -> dict:
-        started = time.perf_counter()
-        live_rows = np.flatnonzero(self.rows.live)
-        stored = live_rows[live_rows < self.vectors.rows]
-        parts = [self.vectors.read_rows(stored)]
-        if self._delta_x:
-            delta = np.concatenate(self._delta_x)
-            fresh = live_rows[live_rows >= self.vectors.rows]
-            parts.append(delta[fresh - self.vectors.rows])
-        x = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        attrs = self._all_attributes(live_rows)
-        ids = self.rows.ids[live_rows]
-        self._gen += 1
-        self._checkpoint = 0
-        index, assignment, order = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
-                                                    params=params, cache_bytes=self.memory_cache,
-                                                    coalesce_gap=self.db.coalesce_gap, progress=progress,
-                                                    scan_device=self.db.scan_device)
-        x, ids = x[order], ids[order]
-        attrs = None if attrs is None else [attrs[i] for i in order.tolist()]
-        vectors = VectorStore(self.tier, self._gen_prefix, self.dim, coalesce_gap=self.db.coalesce_gap)
-        vectors.append(x, attrs)
-        self.vectors, self.index, self._index_params = vectors, index, params
-        self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
-        self._indexed_rows = self.rows.n
-        if self.memory_cache is None:
-            self.vectors.resident = x
-        self._commit(lsn)
-        return {"vectors": int(ids.size), "lists": index.nlist, "seconds": time.perf_counter() - started,
-                "list_bytes": index.directory.total_bytes(), "quantizer": params.quantizer}
-
-    def _all_attributes(self, rows: np.ndarray) -> list | None:
-        stored = self.vectors.attributes() if self.vectors.rows else []
-        every = stored + list(self._delta_attrs)
-        if not any(a is not None for a in every):
-            return None
-        return [every[r] for r in rows.tolist()]
-
     # ------------------------------------------------------------------ search
     def search(self, x: object, k: int = 10, **params: Any) -> SearchResult:
         """The ``k`` nearest live vectors of each query ``x`` (``(dim,)`` or ``(nq, dim)``).
@@ -433,7 +326,7 @@ class Collection:
 
     def _code_topk(self, scores: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
         distances = scores if self._index_metric == "l2" else -scores
-        return rerank_free(distances, rows, k, live)
+        return top_unique(distances, rows, k, live)
 
     # ------------------------------------------------------------------- facts
     def count(self) -> int:
@@ -477,19 +370,3 @@ def _search_params(params: dict) -> SearchParams:
         return _cached_params(tuple(sorted(params.items())))
     except TypeError:  # an unhashable value: validate it uncached (it will be rejected)
         return SearchParams(**params)
-
-
-def rerank_free(distances: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
-    """Top-k by code distances, dropping replicas and tombstones (``rerank=0``)."""
-    rows = rows.copy()
-    distances = distances.astype(np.float32, copy=True)
-    srt = np.argsort(rows, axis=1, kind="stable")
-    r = np.take_along_axis(rows, srt, 1)
-    dup = np.zeros_like(r, dtype=bool)
-    dup[:, 1:] = r[:, 1:] == r[:, :-1]
-    bad_sorted = dup | (r < 0)
-    bad = np.empty_like(bad_sorted)
-    np.put_along_axis(bad, srt, bad_sorted, 1)
-    bad |= ~live[np.maximum(rows, 0)]
-    distances[bad] = np.inf
-    return merge_topk([(distances, rows)], k)

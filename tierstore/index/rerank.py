@@ -14,7 +14,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-__all__ = ["rerank", "merge_topk", "exact_distances"]
+__all__ = ["rerank", "merge_topk", "exact_distances", "top_unique"]
 
 
 def exact_distances(xq: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
@@ -95,3 +95,19 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.n
     distances = np.concatenate([d for d, _ in parts], axis=1)
     rows = np.concatenate([r for _, r in parts], axis=1)
     return _top(distances, rows, k)
+
+
+def top_unique(distances: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
+    """Top-``k`` by given distances, dropping replicas and tombstones (search with ``rerank=0``)."""
+    rows = rows.copy()
+    distances = distances.astype(np.float32, copy=True)
+    srt = np.argsort(rows, axis=1, kind="stable")
+    r = np.take_along_axis(rows, srt, 1)
+    dup = np.zeros_like(r, dtype=bool)
+    dup[:, 1:] = r[:, 1:] == r[:, :-1]
+    bad_sorted = dup | (r < 0)
+    bad = np.empty_like(bad_sorted)
+    np.put_along_axis(bad, srt, bad_sorted, 1)
+    bad |= ~live[np.maximum(rows, 0)]
+    distances[bad] = np.inf
+    return merge_topk([(distances, rows)], k)

@@ -37,10 +37,19 @@ import numpy as np
 
 from ...errors import CorruptData, InvalidArgument
 
-__all__ = ["FaissCodes", "FaissScanner", "FAISS_FORMATS"]
+__all__ = ["FaissCodes", "FaissScanner", "FAISS_FORMATS", "coarse_search"]
 
 FAISS_FORMATS = ("sq8", "sq4", "rabitq", "pq4fs")
 _TRAIN_SAMPLE = 65_536
+
+
+def coarse_search(coarse: faiss.Index, xq: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, lists)`` of the ``nprobe`` nearest centroids per query (raw SWIG call, no copies)."""
+    n = xq.shape[0]
+    scores = np.empty((n, nprobe), dtype=np.float32)
+    lists = np.empty((n, nprobe), dtype=np.int64)
+    coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(scores), faiss.swig_ptr(lists))
+    return scores, lists
 
 
 def _faiss_metric(metric: str) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import CorruptData
+from .faiss_codes import coarse_search
 from .osq import OsqCodec
 
 __all__ = ["OsqCodes", "OsqScanner"]
@@ -134,12 +135,7 @@ class OsqScanner:
         return rotated * self._step, float((query * self._mean).sum() + (rotated * self._offset).sum())
 
     def search(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        n = xq.shape[0]
-        coarse = np.empty((n, nprobe), np.float32)
-        lists = np.empty((n, nprobe), np.int64)
-        self._coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
+        coarse, lists = coarse_search(self._coarse, xq, nprobe)
         return self.search_preassigned(xq, lists, coarse, candidates)
 
     def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 
 from ...errors import ConfigError
+from .faiss_codes import coarse_search
 
 __all__ = ["TorchScanner", "TORCH_FORMATS"]
 
@@ -103,10 +104,7 @@ class TorchScanner:
 
     # -------------------------------------------------------------------- search
     def search(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        n = xq.shape[0]
-        coarse = np.empty((n, nprobe), np.float32)
-        lists = np.empty((n, nprobe), np.int64)
-        self._coarse.search_c(n, faiss.swig_ptr(xq), nprobe, faiss.swig_ptr(coarse), faiss.swig_ptr(lists))
+        coarse, lists = coarse_search(self._coarse, xq, nprobe)
         return self.search_preassigned(xq, lists, coarse, candidates)
 
     def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,
