@@ -43,8 +43,8 @@ class IndexParams:
     quantizer: str = DEFAULT_QUANTIZER
     target_list_size: int | None = None
     max_list_size: int | None = None
-    max_replicas: int = 8
-    closure: float = 2.0
+    max_replicas: int = 4
+    closure: float = 1.3
     rng_factor: float = 1.0
     segment_bytes: int = 1 << 20
     spare_lists: float = 0.5
