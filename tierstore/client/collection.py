@@ -151,6 +151,8 @@ class Collection(Checkpoints):
         self._delta_x: list[np.ndarray] = []
         self._delta_attrs: list = []
         self._dead_indexed: list[np.ndarray] = []
+        # Tombstoned rows the index still holds (rerank checks liveness only when there are any).
+        self._indexed_dead = self._indexed_rows - int(np.count_nonzero(self.rows.live[:self._indexed_rows]))
         # Dead rows inside the exact part: a search asks it for k + this many, so k live remain.
         self._flat_dead = int(np.count_nonzero(~self.rows.live[self._indexed_rows:]))
 
@@ -262,6 +264,7 @@ class Collection(Checkpoints):
             indexed = rows[rows < self._indexed_rows]
             if indexed.size:
                 self._dead_indexed.append(indexed)
+                self._indexed_dead += int(indexed.size)
             self._flat_dead += int(rows.size - indexed.size)
 
     def _pending(self) -> int:
@@ -304,7 +307,9 @@ class Collection(Checkpoints):
                              "list_bytes": index.fetched_bytes - before[2]}
                 if sp.rerank:
                     vectors = self.vectors.resident
-                    parts.append(rerank(xq, rows, k, live=live, metric=self._index_metric, vectors=vectors,
+                    # No tombstone among indexed rows (the usual case after a build): skip the check.
+                    checked = live if self._indexed_dead else None
+                    parts.append(rerank(xq, rows, k, live=checked, metric=self._index_metric, vectors=vectors,
                                         read_vectors=None if vectors is not None else self.vectors.read_rows))
                 else:
                     parts.append(self._code_topk(scores, rows, k, live))

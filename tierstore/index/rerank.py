@@ -44,21 +44,23 @@ def _top(distances: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, n
 _PAST = np.iinfo(np.int64).max
 
 
-def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray, metric: str,
+def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray | None, metric: str,
            vectors: np.ndarray | None = None,
            read_vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of candidate ``rows``: ``(distances (nq, k), rows (nq, k))``, inf / -1 padded.
 
     Give the resident ``vectors`` (float32 C-contiguous, indexed by row) or
-    ``read_vectors(unique_rows)``. ``live`` must cover every row that can appear. The
-    distances are computed by faiss's ``knn_*_by_idx`` kernels (~3 us for 40 candidates
-    of 384 dims), which stop at the first -1 of a row: valid candidates go first.
+    ``read_vectors(unique_rows)``. ``live`` must cover every row that can appear; ``None``
+    when every row is live (no tombstone check). The distances are computed by faiss's
+    ``knn_*_by_idx`` kernels (~3 us for 40 candidates of 384 dims), which stop at the first
+    -1 of a row: valid candidates go first.
     """
     rows = np.sort(rows, axis=1)
     bad = rows < 0
     bad[:, 1:] |= rows[:, 1:] == rows[:, :-1]
-    rows[bad] = 0
-    bad |= ~live[rows]
+    if live is not None:
+        rows[bad] = 0
+        bad |= ~live[rows]
     rows[bad] = _PAST
     rows.sort(axis=1)
     rows[rows == _PAST] = -1
