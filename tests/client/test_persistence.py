@@ -50,6 +50,7 @@ def test_reopen_tiered_matches_memory(tmp_path, blobs):
         tiered = col.search(xq[:1], k=10, nprobe=16)
         assert tiered.stats["list_fetch_rounds"] == 1  # all probed lists in one round of reads
         assert tiered.stats["list_requests"] >= 1
+        assert 1 <= tiered.stats["rerank_reads"] <= 40  # candidate rows, runs merged
         every = col.search(xq, k=10, nprobe=16)
         stats = col.stats()
     assert np.array_equal(memory.ids, every.ids)

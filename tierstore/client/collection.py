@@ -309,8 +309,11 @@ class Collection(Checkpoints):
                     vectors = self.vectors.resident
                     # No tombstone among indexed rows (the usual case after a build): skip the check.
                     checked = live if self._indexed_dead else None
+                    reads = self.vectors.reads
                     parts.append(rerank(xq, rows, k, live=checked, metric=self._index_metric, vectors=vectors,
                                         read_vectors=None if vectors is not None else self.vectors.read_rows))
+                    if vectors is None:
+                        stats["rerank_reads"] = self.vectors.reads - reads
                 else:
                     parts.append(self._code_topk(scores, rows, k, live))
             if self._flat.ntotal:
