@@ -2,6 +2,8 @@
 
 * :mod:`~tierstore.store.kvcache.codecs`: how one layer's ``key`` / ``value`` tensors
   become bytes and back (lossless casts, int8, KIVI int4 / int2, mixed precision).
+* :mod:`~tierstore.store.kvcache.keys`: stable chunk keys (chained for prefixes,
+  content-addressed for RAG chunks) under a :class:`KVLayout` fingerprint.
 
 Importing this package does not load torch: the codecs import it when they run.
 """
@@ -9,5 +11,7 @@ Importing this package does not load torch: the codecs import it when they run.
 from __future__ import annotations
 
 from .codecs import CODEC_NAMES, KV_FORMAT_VERSION, EncodedLayer, KVCodec, decode_layer, get_codec
+from .keys import KVLayout, content_key, prefix_keys
 
-__all__ = ["get_codec", "KVCodec", "EncodedLayer", "decode_layer", "CODEC_NAMES", "KV_FORMAT_VERSION"]
+__all__ = ["get_codec", "KVCodec", "EncodedLayer", "decode_layer", "CODEC_NAMES", "KV_FORMAT_VERSION",
+           "KVLayout", "prefix_keys", "content_key"]
