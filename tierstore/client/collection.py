@@ -33,7 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..errors import InvalidArgument, InvalidType, NotFound
+from ..errors import InvalidArgument, InvalidType, NotFound, StoreClosed
 from ..index.params import IndexParams, SearchParams
 from ..index.rerank import merge_topk, rerank, top_unique
 from ..index.spann import SpannIndex
@@ -168,7 +168,6 @@ class Collection(Checkpoints):
 
     def _check_open(self) -> None:
         if self._closed:
-            from ..errors import StoreClosed
             raise StoreClosed(f"collection {self.name!r} is closed")
 
     def __repr__(self) -> str:

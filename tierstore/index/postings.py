@@ -51,20 +51,6 @@ class PostingDirectory:
         return {"segment": self.segment, "offset": self.offset, "length": self.length,
                 "count": self.count, "checksum": self.checksum}
 
-    def copy(self) -> "PostingDirectory":
-        return PostingDirectory(list(self.segment_keys), self.segment.copy(), self.offset.copy(),
-                                self.length.copy(), self.count.copy(), self.checksum.copy())
-
-    def grow(self, nlist: int) -> None:
-        """Extend to ``nlist`` lists; new lists are empty."""
-        extra = nlist - self.nlist
-        if extra <= 0:
-            return
-        self.segment = np.concatenate([self.segment, np.full(extra, -1, np.int32)])
-        for name in ("offset", "length", "count"):
-            setattr(self, name, np.concatenate([getattr(self, name), np.zeros(extra, np.int64)]))
-        self.checksum = np.concatenate([self.checksum, np.zeros(extra, np.uint64)])
-
     def total_bytes(self) -> int:
         return int(self.length.sum())
 

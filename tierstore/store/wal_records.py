@@ -22,6 +22,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import CorruptData, InvalidArgument, InvalidType, NotFound
+from ._ids import as_id_array
 from ._json import dumps_json, freeze_json
 from ._layout import decode_numbered_blob
 from .blob import encode_blob
@@ -30,7 +31,6 @@ __all__ = ["UpsertRecord", "DeleteRecord", "Record", "encode_record", "decode_re
 
 WAL_FORMAT = 1
 _ALIGN = 64
-_MAX_ID = np.iinfo(np.int64).max
 
 
 def _as_array(value: object, what: str) -> np.ndarray:
@@ -46,16 +46,7 @@ def _check_ids(ids: object) -> np.ndarray:
     arr = _as_array(ids, "ids")
     if arr.ndim != 1:
         raise InvalidArgument(f"ids must be 1-D, got shape {arr.shape}; wrap a single id in a list")
-    if arr.size == 0:
-        raise InvalidArgument("a record needs at least one id")
-    if arr.dtype.kind not in "iu":
-        raise InvalidType(f"ids must be integers, got dtype {arr.dtype}; pass an int64 array or a list of int")
-    if (arr.dtype.kind == "u" and arr.max() > _MAX_ID) or (arr.dtype.kind == "i" and arr.min() < 0):
-        bad = arr[(arr > _MAX_ID) if arr.dtype.kind == "u" else (arr < 0)][0]
-        raise InvalidArgument(f"ids must be from 0 to 2**63 - 1 (-1 pads search results), got {bad}")
-    out = np.array(arr, dtype=np.int64)  # a private copy, so later changes by the caller cannot leak in
-    out.flags.writeable = False
-    return out
+    return as_id_array(arr, "ids", empty="a record needs at least one id", range_note=" (-1 pads search results)")
 
 
 def _check_vectors(vectors: object, ids: np.ndarray) -> np.ndarray:

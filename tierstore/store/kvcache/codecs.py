@@ -46,6 +46,7 @@ codes a byte, int2 four, low bits first, over the flattened codes). Never pickle
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 from collections.abc import Mapping
@@ -339,7 +340,7 @@ def _kivi_decode(t: Mapping, h: int, n: int, d: int, group: int, bits: int):
 
 
 # ============================================================== codecs
-class KVCodec:
+class KVCodec(abc.ABC):
     """Base class: ``encode`` / ``decode`` one layer; ``key()`` names codec and options."""
 
     name: str = ""
@@ -374,9 +375,9 @@ class KVCodec:
         return hash(self.key())
 
     # -- sizes
+    @abc.abstractmethod
     def layout(self, shape: tuple[int, int, int], dtype: str) -> dict:
         """``{tensor name: (dtype, shape)}`` of an encoded layer of this input shape/dtype."""
-        raise NotImplementedError
 
     def estimate_nbytes(self, kv_heads: int, tokens: int, head_dim: int, dtype: str = "float16") -> int:
         """Encoded tensor bytes of one layer (keys and values) of this shape, exactly."""
@@ -425,11 +426,13 @@ class KVCodec:
         k, v = self._decode(tensors, encoded.shape, encoded.dtype)
         return k.to(out_dtype), v.to(out_dtype)
 
+    @abc.abstractmethod
     def _encode(self, key, value, shape, dtype, saliency) -> dict:
-        raise NotImplementedError
+        """The named tensors of one encoded layer."""
 
+    @abc.abstractmethod
     def _decode(self, tensors: Mapping, shape, dtype):
-        raise NotImplementedError
+        """``(key, value)`` back from :meth:`_encode`'s tensors."""
 
 
 class _CastCodec(KVCodec):

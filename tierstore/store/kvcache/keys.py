@@ -26,11 +26,11 @@ import numpy as np
 from xxhash import xxh3_128
 
 from ...errors import InvalidArgument, InvalidType
+from .._ids import as_id_array
 
 __all__ = ["KVLayout", "check_tokens", "chunk_spans", "prefix_keys", "content_key", "KEY_FORMAT"]
 
 KEY_FORMAT = 1
-_MAX_TOKEN = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,15 +79,7 @@ def check_tokens(token_ids: object) -> np.ndarray:
         arr = arr[0]  # a batch of one, as tokenizers return it
     if arr.ndim != 1:
         raise InvalidArgument(f"token_ids must be 1-D (or a batch of one), got shape {arr.shape}")
-    if arr.size == 0:
-        raise InvalidArgument("token_ids is empty; a KV cache needs at least one token")
-    if arr.dtype.kind not in "iu":
-        raise InvalidType(f"token_ids must be integers, got dtype {arr.dtype}")
-    if (arr.dtype.kind == "i" and arr.min() < 0) or (arr.dtype.kind == "u" and arr.max() > _MAX_TOKEN):
-        raise InvalidArgument("token ids must be from 0 to 2**63 - 1")
-    out = np.ascontiguousarray(arr, dtype="<i8")
-    out.flags.writeable = False
-    return out
+    return as_id_array(arr, "token ids", empty="token_ids is empty; a KV cache needs at least one token")
 
 
 def chunk_spans(count: int, chunk_tokens: int) -> list[tuple[int, int]]:
