@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound, StoreClosed
 from ..tiers.base import BaseTier
 from ._names import check_name
 from .collection import Collection, check_settings
+
+if TYPE_CHECKING:
+    from ..store.kvcache.store import KVCacheStore
 
 __all__ = ["Database", "connect"]
 
@@ -80,6 +83,7 @@ class Database:
         self.flush_rows = flush_rows
         self.auto_index_rows = auto_index_rows
         self._collections: dict[str, Collection] = {}
+        self._kv_stores: list = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -167,12 +171,34 @@ class Database:
                 if key not in manifests:
                     self.tier.delete(key)
 
+    def kv_cache(self, model: Any, revision: str, codec: Any = "fp16", chunk_tokens: int = 256,
+                 **options: Any) -> "KVCacheStore":
+        """A chunk KV-cache store of ``model`` at ``revision`` in this database's tier.
+
+        ``model``: a model id, or a transformers model (its config gives the layout and
+        RoPE). ``codec``: ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``, ``"int2"``,
+        ``"mixed"`` (or a codec object). Options: ``mode`` (``"prefix"`` / ``"content"``),
+        ``codec_options``, ``dtype``, ``layers``, ``kv_heads``, ``head_dim``,
+        ``memory_cache`` (bytes held in memory, cost-aware eviction), ``rope``. See
+        :class:`tierstore.store.kvcache.KVCacheStore`. Closed with the database.
+        """
+        from ..store.kvcache.store import KVCacheStore
+
+        with self._lock:
+            self._check_open()
+            store = KVCacheStore(self.tier, model=model, revision=revision, codec=codec, chunk_tokens=chunk_tokens,
+                                 **options)
+            self._kv_stores.append(store)
+            return store
+
     def close(self) -> None:
-        """Checkpoint and close every open collection, then the tier. Idempotent."""
+        """Checkpoint and close every open collection and KV store, then the tier. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             try:
+                for store in self._kv_stores:
+                    store.close()
                 for col in self._collections.values():
                     col.close()
             finally:

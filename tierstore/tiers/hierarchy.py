@@ -72,13 +72,15 @@ class TieredStore(BaseTier):
     :param policy: eviction policy per tracked level: ``"lru"``, ``"lfu"``, ``"cost"``
         or a zero-argument factory (see :mod:`tierstore.tiers.policy`).
     :param promote: copy values found below the top into the levels above.
+    :param borrowed: tiers of the stack that someone else owns: :meth:`close` leaves
+        them open (say, a database's tier under a cache level of its own).
     """
 
     kind = "tiered"
 
     def __init__(self, tiers: Sequence[BaseTier], *, write_policy: str = "write-through",
                  budgets: Sequence[int | None] | None = None, policy: Any = "lru", promote: bool = True,
-                 name: str | None = None, max_workers: int = 8) -> None:
+                 name: str | None = None, max_workers: int = 8, borrowed: Iterable[BaseTier] = ()) -> None:
         if isinstance(tiers, BaseTier) or not isinstance(tiers, Sequence) or not tiers:
             raise InvalidType("tiers must be a non-empty list of tiers, top (fastest) first")
         for tier in tiers:
@@ -111,6 +113,7 @@ class TieredStore(BaseTier):
         self._key_locks = [threading.Lock() for _ in range(_STRIPES)]
         self._generations = [0] * _STRIPES
         self._cost_local = threading.local()
+        self._borrowed = {id(t) for t in borrowed}
 
     def __reduce__(self):
         # The copy reopens the same tiers (volatile ones arrive empty), so dirty values are
@@ -369,7 +372,8 @@ class TieredStore(BaseTier):
             self._flush()
         finally:
             for level in self._stack.levels:
-                level.tier.close()
+                if id(level.tier) not in self._borrowed:
+                    level.tier.close()
 
     # ------------------------------------------------------------ statistics
     def stats(self) -> HierarchyStats:

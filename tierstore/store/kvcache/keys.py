@@ -19,6 +19,7 @@ machine. Keys read ``kv/<layout 16 hex>/p/<32 hex>`` and ``kv/<layout>/c/<32 hex
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -64,8 +65,13 @@ class KVLayout:
 
     def fingerprint(self) -> str:
         """32 hex digits naming this layout (and the key format)."""
-        canonical = json.dumps({"key_format": KEY_FORMAT, **asdict(self)}, sort_keys=True, separators=(",", ":"))
-        return xxh3_128(canonical.encode("utf-8")).hexdigest()
+        return _fingerprint(self)
+
+
+@functools.lru_cache(maxsize=256)
+def _fingerprint(layout: KVLayout) -> str:
+    canonical = json.dumps({"key_format": KEY_FORMAT, **asdict(layout)}, sort_keys=True, separators=(",", ":"))
+    return xxh3_128(canonical.encode("utf-8")).hexdigest()
 
 
 def check_tokens(token_ids: object) -> np.ndarray:
