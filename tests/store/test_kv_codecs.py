@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from tierstore.errors import CorruptData, InvalidArgument, InvalidType  # noqa: E402
 from tierstore.store.kvcache import CODEC_NAMES, EncodedLayer, decode_layer, get_codec  # noqa: E402
 
-MODEL_DIR = Path("/work/shared/models/bytelm-man")
+MODEL_DIR = Path(__file__).resolve().parents[3] / "shared" / "models" / "bytelm-man"
 ALL = [("fp16", {}), ("bf16", {}), ("int8", {}), ("int4", {}), ("int2", {}),
        ("int4", {"residual_tokens": 16}), ("int2", {"group_size": 16, "residual_tokens": 8}),
        ("mixed", {}), ("mixed", {"keep_ratio": 0.25, "residual_tokens": 4})]
@@ -393,40 +393,32 @@ def test_greedy_decoding_with_lossless_kv_round_trip():
     the model's own dtype is bit-exact, so the tokens must be identical.
     """
     pytest.importorskip("transformers")
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+    from tierstore.store.kvcache.hf import cache_argument, cache_tensors, load_llama, output_cache, to_dynamic_cache
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, codec = (torch.float16, get_codec("fp16")) if device == "cuda" else (torch.bfloat16, get_codec("bf16"))
-    model = LlamaForCausalLM(LlamaConfig(**json.loads((MODEL_DIR / "config.json").read_text())))
-    state = {}
-    for f in sorted(MODEL_DIR.glob("model-*.safetensors")):
-        state.update(_load_safetensors(f))
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    model = model.to(device=device, dtype=dtype).eval()
+    model = load_llama(MODEL_DIR, dtype=dtype, device=device)
+    arg = cache_argument(model)
     prompt = torch.tensor([[256] + list(b"NAME\n  grep - print lines that match patterns\nSYNOPSIS\n")],
                           device=device)
 
     def prefill():
         with torch.no_grad():
-            return model(prompt[:, :-1], use_cache=True).past_key_values
+            return output_cache(model(prompt[:, :-1], use_cache=True))
 
     def greedy(past, steps=24):
         out, tok = [], prompt[:, -1:]
         for _ in range(steps):
             with torch.no_grad():
-                res = model(tok, past_key_values=past, use_cache=True)
-            past, tok = res.past_key_values, res.logits[:, -1:].argmax(-1)
+                res = model(tok, **{arg: past}, use_cache=True)
+            past, tok = output_cache(res), res.logits[:, -1:].argmax(-1)
             out.append(int(tok))
         return out
 
-    pre = prefill()
-    layers = [(pre.layers[i].keys, pre.layers[i].values) if hasattr(pre, "layers") else pre[i]
-              for i in range(len(pre))]
-    restored = DynamicCache()
-    for i, (k, v) in enumerate(layers):
+    restored = []
+    for k, v in cache_tensors(prefill()):
         data = codec.encode(k[0], v[0]).to_bytes()
         k2, v2 = decode_layer(EncodedLayer.from_bytes(data), device=device)
         assert torch.equal(k2, k[0]) and torch.equal(v2, v[0])
-        restored.update(k2[None], v2[None], i)
-    assert greedy(restored) == greedy(prefill())
+        restored.append((k2, v2))
+    assert greedy(to_dynamic_cache(restored)) == greedy(prefill())

@@ -272,3 +272,33 @@ def test_store_is_importable_without_a_database(tmp_path):
     store.put(tokens_of(10), make_kv(10))
     assert store.lookup_prefix(tokens_of(10)) == 10
     store.close()
+
+
+def test_batches_larger_than_the_pool_do_not_deadlock(tmp_path):
+    with tierstore.connect(tmp_path) as db:
+        store = db.kv_cache("org/model", "rev1", chunk_tokens=16, max_workers=2)
+        items = [(tokens_of(40, seed=s), make_kv(40, seed=s)) for s in range(12)]
+        assert store.put_many(items) == [3] * 12
+        assert all(same(g, kv) for g, (_, kv) in zip(store.get_many([t for t, _ in items]), items))
+        assert asyncio.run(store.put_many_async(items)) == [0] * 12
+
+
+def test_content_mode_reuses_a_chunk_at_any_position(tmp_path):
+    from tierstore.store.kvcache.rope import RopeSpec, rerotate_keys
+
+    rope = RopeSpec.from_theta(DIM)
+    kv, chunk = make_kv(48), tokens_of(48)
+    with tierstore.connect(tmp_path) as db:
+        store = db.kv_cache("org/model", "rev1", mode="content", rope=rope)
+        store.put(chunk, kv, position=5)  # computed with its first token at position 5
+        assert store.lookup_prefix(chunk) == 48 and store.lookup_prefix(chunk[:47]) == 0
+        assert same(store.get(chunk), kv)  # as stored
+        assert same(store.get(chunk, position=5), kv)
+        moved = store.get(chunk, position=300)
+        assert all(torch.equal(k, rerotate_keys(k0, 295, rope)) and torch.equal(v, v0)
+                   for (k, v), (k0, v0) in zip(moved, kv))
+        assert not same(moved, kv)
+        # the same tokens in prefix mode are another key
+        assert db.kv_cache("org/model", "rev1").lookup_prefix(chunk) == 0
+        with pytest.raises(ConfigError, match="rope"):
+            db.kv_cache("org/model", "rev1", mode="content").get(chunk, position=7)

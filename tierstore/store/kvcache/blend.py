@@ -179,7 +179,8 @@ def _select(deviation: Any, cached: Any, ratio: float) -> Any:
     return torch.topk(score, budget, sorted=False).indices.sort().values
 
 
-def _project(attn: Any, normed: Any, cos: Any, sin: Any, heads: int, kv_heads: int, head_dim: int):
+def _project(attn: Any, normed: Any, cos: Any, sin: Any, heads: int, kv_heads: int,
+             head_dim: int) -> tuple[Any, Any, Any]:
     """Post-RoPE queries ``(1, heads, n, d)`` and keys / values ``(kv_heads, n, d)`` of ``normed`` rows."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -227,12 +228,12 @@ def blend_prefill(model: Any, segments: Sequence[Segment], *, recompute_ratio: f
     """
     torch = _torch()
     started = time.perf_counter()
+    base = _decoder(model)
     layout = layout_of_model(model)
     _check_options(recompute_ratio, check_layer, layout["layers"])
     rope = RopeSpec.from_model(model) if rope is None else rope
     if not isinstance(rope, RopeSpec):
         raise InvalidType(f"rope must be a RopeSpec or None, got {type(rope).__name__}")
-    base = _decoder(model)
     device = base.embed_tokens.weight.device
     prompt = _gather_prompt(segments, layout, device)
     heads, kv_heads, head_dim = model.config.num_attention_heads, layout["kv_heads"], layout["head_dim"]
@@ -250,7 +251,7 @@ def blend_prefill(model: Any, segments: Sequence[Segment], *, recompute_ratio: f
                 keep = _select(_kv_distance(key, value, cached_key, cached_value), prompt.cached,
                                recompute_ratio)
                 rows, hidden, q = rows[keep], hidden[:, keep], q[:, :, keep]
-            elif index > check_layer:
+            elif index > check_layer and rows.numel() < prompt.token_ids.numel():
                 cached_key, cached_value = prompt.layer_kv(index, rope, key)
                 cached_key[:, rows], cached_value[:, rows] = key, value
                 key, value = cached_key, cached_value
@@ -258,6 +259,8 @@ def blend_prefill(model: Any, segments: Sequence[Segment], *, recompute_ratio: f
             hidden = hidden + _attend(layer.self_attn, q, key, value, rows, head_dim)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = model.lm_head(base.norm(hidden[:, -1]))[0]
+    if logits.device.type == "cuda":  # time the work, not its launch
+        torch.cuda.synchronize(logits.device)
 
     tokens, selected = prompt.token_ids.numel(), rows.numel()
     return BlendResult(

@@ -8,7 +8,8 @@ renamed (``past_key_values`` -> ``cache`` in 5.x). This module hides those diffe
 
 * :func:`cache_layers` turns a ``DynamicCache``, a legacy tuple of per-layer pairs, or a
   list of 3-D or batch-1 4-D pairs into a list of 3-D ``(key, value)`` pairs (views, no copy);
-* :func:`to_dynamic_cache` builds a ``DynamicCache`` (batch 1) from such pairs;
+* :func:`cache_tensors` returns a cache object's own per-layer tensors (any batch size);
+* :func:`to_dynamic_cache` builds a ``DynamicCache`` from such pairs;
 * :func:`cache_argument` names the keyword a model's ``forward`` takes its cache by, and
   :func:`output_cache` finds the cache in what it returned;
 * :func:`layout_of_model` reads ``layers, kv_heads, head_dim`` from a model's config;
@@ -28,7 +29,7 @@ from typing import Any
 
 from ...errors import ConfigError, InvalidArgument, InvalidType
 
-__all__ = ["cache_layers", "to_dynamic_cache", "cache_argument", "output_cache", "layout_of_model",
+__all__ = ["cache_layers", "cache_tensors", "to_dynamic_cache", "cache_argument", "output_cache", "layout_of_model",
            "load_llama", "is_cache_object"]
 
 
@@ -53,7 +54,9 @@ def is_cache_object(obj: object) -> bool:
     return hasattr(obj, "get_seq_length") and (hasattr(obj, "layers") or hasattr(obj, "key_cache"))
 
 
-def _cache_object_pairs(cache: Any) -> list[tuple[Any, Any]]:
+def cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
+    """The per-layer ``(key, value)`` tensors of a transformers cache object, as it holds them
+    (4-D, any batch size); see :func:`cache_layers` for the store's 3-D form."""
     if hasattr(cache, "layers") and not hasattr(cache, "key_cache"):
         pairs = []
         for i, layer in enumerate(cache.layers):
@@ -75,7 +78,7 @@ def cache_layers(past_key_values: Any) -> list[tuple[Any, Any]]:
     """
     torch = _torch()
     if is_cache_object(past_key_values):
-        pairs = _cache_object_pairs(past_key_values)
+        pairs = cache_tensors(past_key_values)
     elif isinstance(past_key_values, (list, tuple)):
         pairs = list(past_key_values)
     else:
@@ -103,12 +106,16 @@ def cache_layers(past_key_values: Any) -> list[tuple[Any, Any]]:
 
 
 def to_dynamic_cache(layers: Any, config: Any = None) -> Any:
-    """A transformers ``DynamicCache`` (batch 1) holding ``layers`` (3-D or 4-D pairs)."""
+    """A transformers ``DynamicCache`` holding ``layers``: 3-D pairs (batch 1) or 4-D pairs of any batch."""
     transformers = _transformers()
-    pairs = cache_layers(layers)
+    if isinstance(layers, (list, tuple)) and layers and all(
+            isinstance(p, (list, tuple)) and len(p) >= 2 and getattr(p[0], "ndim", 0) == 4 for p in layers):
+        pairs = [(p[0], p[1]) for p in layers]  # already batched
+    else:
+        pairs = [(k.unsqueeze(0), v.unsqueeze(0)) for k, v in cache_layers(layers)]
     cache = transformers.DynamicCache(config=config) if config is not None else transformers.DynamicCache()
     for i, (k, v) in enumerate(pairs):
-        cache.update(k.unsqueeze(0), v.unsqueeze(0), i)
+        cache.update(k, v, i)
     return cache
 
 

@@ -134,7 +134,10 @@ class KVCacheStore:
         self._base_tier = tier
         self.tier = self._with_memory_cache(tier, memory_cache)
         self._borrow = _owns_reads(self.tier)
+        # Two pools: calls (batches, async twins) run in one, the tier reads and writes
+        # they fan out run in the other, so a batch never waits on its own queue.
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="tierstore-kv")
+        self._io = ThreadPoolExecutor(max_workers, thread_name_prefix="tierstore-kv-io")
         self._lock = threading.Lock()
         self._headers: OrderedDict[str, ChunkHeader] = OrderedDict()
         self._counters = {"puts": 0, "chunks_written": 0, "chunks_skipped": 0, "bytes_written": 0, "gets": 0,
@@ -313,14 +316,14 @@ class KVCacheStore:
         from ...tiers.hierarchy import TieredStore
 
         if isinstance(self.tier, TieredStore):
-            list(self._pool.map(lambda item: self.tier.put(item[0], item[1], cost=float(item[2])), blobs))
+            list(self._io.map(lambda item: self.tier.put(item[0], item[1], cost=float(item[2])), blobs))
         elif blobs:
             self.tier.put_many([(key, blob) for key, blob, _ in blobs])
 
     def _exist(self, keys: list[str]) -> list[bool]:
         if len(keys) == 1:
             return [self.tier.contains(keys[0])]
-        return list(self._pool.map(self.tier.contains, keys))
+        return list(self._io.map(self.tier.contains, keys))
 
     # ------------------------------------------------------------------ lookups
     def lookup_prefix(self, token_ids: object) -> int:
@@ -443,7 +446,7 @@ class KVCacheStore:
                 return None
             return chunk_header(info, key)
 
-        for key, header in zip(missing, self._pool.map(fetch, missing)):
+        for key, header in zip(missing, self._io.map(fetch, missing)):
             if header is None:
                 return None
             known[key] = header
@@ -499,7 +502,7 @@ class KVCacheStore:
         with self._lock:
             for key in keys:
                 self._headers.pop(key, None)
-        return sum(self._pool.map(self.tier.delete, keys))
+        return sum(self._io.map(self.tier.delete, keys))
 
     def put_many(self, items: Iterable[tuple[object, Any]], **options: Any) -> list[int]:
         """:meth:`put` of each ``(token_ids, past_key_values)``, in parallel; chunks written per item."""
@@ -527,6 +530,7 @@ class KVCacheStore:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
+        self._io.shutdown(wait=True)
         if self.tier is not self._base_tier:
             self.tier.close()
 
