@@ -302,3 +302,19 @@ def test_content_mode_reuses_a_chunk_at_any_position(tmp_path):
         assert db.kv_cache("org/model", "rev1").lookup_prefix(chunk) == 0
         with pytest.raises(ConfigError, match="rope"):
             db.kv_cache("org/model", "rev1", mode="content").get(chunk, position=7)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int4"])
+def test_get_onto_a_device_and_dtype(tmp_path, codec):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kv, tokens = make_kv(80), tokens_of(80)
+    with tierstore.connect(tmp_path) as db:
+        store = db.kv_cache("org/model", "rev1", codec=codec, chunk_tokens=32)
+        store.put(tokens, kv)
+        host = store.get(tokens)
+        out = store.get(tokens, device=device, dtype=torch.float32)
+        assert all(k.device.type == device and k.dtype == torch.float32 for k, _ in out)
+        assert all(torch.equal(k.cpu().to(hk.dtype), hk) and torch.equal(v.cpu().to(hv.dtype), hv)
+                   for (k, v), (hk, hv) in zip(out, host))
+        part = store.get_layers(tokens, [2], device=device)
+        assert part[0][0].device.type == device and torch.equal(part[0][0].cpu(), host[2][0])

@@ -129,22 +129,40 @@ def chunk_header(info: BlobHeader, source: str | None = None) -> ChunkHeader:
             raise ValueError(f"bad layers {layers!r} or position {position!r}")
         if h["dtype"] not in _INPUT_DTYPES or not isinstance(h["options"], dict):
             raise ValueError(f"bad dtype {h['dtype']!r} or options")
-        try:
-            codec = get_codec(h["codec"], **h["options"])
-        except TierstoreError as exc:
-            raise ValueError(f"bad codec or options: {exc}") from None
-        want = {n: [dt, list(s)] for n, (dt, s) in codec.layout(tuple(shape), h["dtype"]).items()}
+        codec, want, length = _expected_layout(h["codec"], h["options"], tuple(shape), h["dtype"])
         if h["tensors"] != want:
             raise ValueError(f"tensor table {h['tensors']!r:.300} does not match the codec's layout {want!r:.300}")
-        if set(info.sections) != {str(i) for i in range(layers)}:
+        if len(info.sections) != layers or any(str(i) not in info.sections for i in range(layers)):
             raise ValueError(f"{len(info.sections)} sections for {layers} layers")
-        _, length = tensor_offsets(want)
         if any(sec.length != length for sec in info.sections.values()):
             raise ValueError(f"a layer section is not {length} bytes")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CorruptData(f"{where}: {exc}") from None
     return ChunkHeader(codec, tuple(shape), h["dtype"], layers, position,
                        {n: (dt, s) for n, (dt, s) in want.items()}, info)
+
+
+_LAYOUTS: dict[tuple, tuple[KVCodec, dict, int]] = {}
+
+
+def _expected_layout(name: object, options: dict, shape: tuple, dtype: str) -> tuple[KVCodec, dict, int]:
+    """The codec, its tensor table and the layer section length for this header (memoised)."""
+    try:
+        memo_key = (name, tuple(sorted(options.items())), shape, dtype)
+        hash(memo_key)
+    except TypeError:  # an option value that is not a scalar: a damaged header, not memoised
+        memo_key = None
+    found = _LAYOUTS.get(memo_key) if memo_key is not None else None
+    if found is None:
+        try:
+            codec = get_codec(name, **options)
+        except TierstoreError as exc:
+            raise ValueError(f"bad codec or options: {exc}") from None
+        want = {n: [dt, list(s)] for n, (dt, s) in codec.layout(shape, dtype).items()}
+        found = (codec, want, tensor_offsets(want)[1])
+        if memo_key is not None and len(_LAYOUTS) < 1024:
+            _LAYOUTS[memo_key] = found
+    return found
 
 
 def read_chunk_header(data: object, *, source: str | None = None) -> ChunkHeader:
@@ -219,8 +237,8 @@ def _strided_layer_tensors(header: ChunkHeader, payload, first: int, stride: int
         typed = payload[:payload.numel() - payload.numel() % size].view(tdt)
         inner = [math.prod(shape[j + 1:]) for j in range(len(shape))]
         stacked = typed.as_strided([header.layers, *shape], [stride // size, *inner], (first + offset) // size)
-        for i, d in enumerate(per_layer):
-            d[name] = stacked[i]
+        for d, tensor in zip(per_layer, stacked.unbind(0)):
+            d[name] = tensor
     return per_layer
 
 
@@ -249,14 +267,18 @@ def decode_chunk(data: object, *, source: str | None = None, device=None, dtype=
                  borrow: bool = False) -> tuple[ChunkHeader, list[tuple[Any, Any]]]:
     """Verify a whole chunk blob and decode every layer: ``(header, [(key, value), ...])``.
 
-    ``device``/``dtype``: where the codec decodes and what it returns (default: the CPU,
-    the dtype encoded). ``borrow=True`` views the payload in place (only for bytes
+    ``device``/``dtype``: where the codec decodes (the payload moves there in one copy)
+    and what it returns (default: the CPU, the dtype encoded). ``borrow=True`` views the payload in place (only for bytes
     nobody else holds); otherwise it is copied once. Raises :class:`CorruptData` for
     any damage.
     """
     blob = decode_blob(data, source=source)
     header = chunk_header(blob.info, source)
     payload = _as_tensor(blob.payload, borrow)
+    if device is not None:
+        # One transfer of the whole payload, then views on the device: far faster than a
+        # copy per tensor per layer (thousands of small host-to-device copies).
+        payload, device = payload.to(device), None
     base = header.info.header_end
     starts = [header.info.sections[str(i)].offset - base for i in range(header.layers)]
     stride = starts[1] - starts[0] if header.layers > 1 else 0

@@ -97,7 +97,11 @@ def chunk_spans(count: int, chunk_tokens: int) -> list[tuple[int, int]]:
 
 def prefix_keys(layout: KVLayout, token_ids: object, chunk_tokens: int) -> list[str]:
     """The chained key of every chunk of ``token_ids`` (see the module docstring)."""
-    tokens = check_tokens(token_ids)
+    return checked_prefix_keys(layout, check_tokens(token_ids), chunk_tokens)
+
+
+def checked_prefix_keys(layout: KVLayout, tokens: np.ndarray, chunk_tokens: int) -> list[str]:
+    """:func:`prefix_keys` of tokens already through :func:`check_tokens`."""
     fingerprint = layout.fingerprint()
     keys, parent = [], bytes.fromhex(fingerprint)
     for start, end in chunk_spans(tokens.size, chunk_tokens):
@@ -109,7 +113,11 @@ def prefix_keys(layout: KVLayout, token_ids: object, chunk_tokens: int) -> list[
 
 def content_key(layout: KVLayout, token_ids: object) -> str:
     """The key of one chunk by its tokens alone (position-independent reuse)."""
-    tokens = check_tokens(token_ids)
+    return checked_content_key(layout, check_tokens(token_ids))
+
+
+def checked_content_key(layout: KVLayout, tokens: np.ndarray) -> str:
+    """:func:`content_key` of tokens already through :func:`check_tokens`."""
     fingerprint = layout.fingerprint()
     digest = xxh3_128(b"chunk" + bytes.fromhex(fingerprint) + tokens.tobytes()).hexdigest()
     return f"kv/{fingerprint[:16]}/c/{digest}"

@@ -59,7 +59,7 @@ from ..blob import fetch_header
 from . import hf
 from .chunks import ChunkHeader, chunk_header, decode_chunk, decode_layers, encode_chunk, layer_range, verify_layer
 from .codecs import _INPUT_DTYPES, KVCodec, _dtype_name, get_codec
-from .keys import KVLayout, check_tokens, chunk_spans, content_key, prefix_keys
+from .keys import KVLayout, check_tokens, checked_content_key, checked_prefix_keys, chunk_spans
 
 __all__ = ["KVCacheStore", "MODES", "FORMATS"]
 
@@ -217,8 +217,8 @@ class KVCacheStore:
     def _keys(self, layout: KVLayout, tokens) -> list[str]:
         """Chunk keys of checked ``tokens`` (see :func:`check_tokens`)."""
         if self.mode == "content":
-            return [content_key(layout, tokens)]
-        return prefix_keys(layout, tokens, self.chunk_tokens)
+            return [checked_content_key(layout, tokens)]
+        return checked_prefix_keys(layout, tokens, self.chunk_tokens)
 
     def _spans(self, count: int) -> list[tuple[int, int]]:
         return [(0, count)] if self.mode == "content" else chunk_spans(count, self.chunk_tokens)
