@@ -318,3 +318,20 @@ def test_get_onto_a_device_and_dtype(tmp_path, codec):
                    for (k, v), (hk, hv) in zip(out, host))
         part = store.get_layers(tokens, [2], device=device)
         assert part[0][0].device.type == device and torch.equal(part[0][0].cpu(), host[2][0])
+
+
+def test_mixed_codec_keeps_the_salient_tokens_exact(tmp_path):
+    kv, tokens = make_kv(100), tokens_of(100)
+    saliency = torch.zeros(100)
+    saliency[[3, 50, 77]] = 10.0  # e.g. the attention mass these tokens receive
+    with tierstore.connect(tmp_path) as db:
+        store = db.kv_cache("org/model", "rev1", codec="mixed", codec_options={"keep_ratio": 0.03},
+                            chunk_tokens=100)
+        store.put(tokens, kv, saliency=saliency)
+        out = store.get(tokens)
+        for (k, v), (k0, v0) in zip(out, kv):
+            assert torch.equal(k[:, [3, 50, 77]], k0[:, [3, 50, 77]]) and torch.equal(v[:, [3, 50, 77]],
+                                                                                     v0[:, [3, 50, 77]])
+            assert not torch.equal(k, k0)
+        with pytest.raises(InvalidArgument, match="saliency"):
+            store.put(tokens_of(100, seed=9), kv, saliency=torch.zeros(7))
