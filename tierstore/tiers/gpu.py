@@ -6,20 +6,13 @@ from typing import Any
 
 import numpy
 
+from .._optional import require
 from ..errors import CapacityError, ConfigError, InvalidArgument, InvalidType, TierUnavailable
 from ._resident import ResidentTier
 from .base import check_mode
 from .keys import validate_key
 
 __all__ = ["GpuTier"]
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError as exc:
-        raise ConfigError("GpuTier needs torch: pip install 'tierstore[kv]'") from exc
-    return torch
 
 
 def _first_line(exc: BaseException) -> str:
@@ -81,7 +74,7 @@ class GpuTier(ResidentTier):
             raise ConfigError("GpuTier needs capacity_bytes (device memory is never unbounded); "
                               "give the byte budget this tier may hold, e.g. capacity_bytes=8 << 30")
         super().__init__(name=name, max_workers=max_workers, capacity_bytes=capacity_bytes)
-        self._torch = _import_torch()
+        self._torch = require("torch", "kv", "GpuTier")
         self.device = _resolve_device(self._torch, device)
 
     # ------------------------------------------------------------------ storage

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import InvalidArgument, InvalidType
-from .hf import _torch, cache_layers, layout_of_model, to_dynamic_cache
+from ..._optional import torch as _torch
+from .hf import cache_layers, layout_of_model, to_dynamic_cache
 from .rope import RopeSpec, rerotate_keys
 
 __all__ = ["Segment", "BlendResult", "blend_prefill", "kv_deviation"]

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..._optional import torch as _torch
 from ...errors import CorruptData, InvalidArgument, TierstoreError
 from ..blob import BlobHeader, decode_blob, encode_blob, read_header, verify_section
 from .codecs import _STORED_DTYPES, _INPUT_DTYPES, KV_FORMAT_VERSION, EncodedLayer, KVCodec, _tdtype, get_codec
@@ -100,12 +101,6 @@ def encode_chunk(layers: Sequence[EncodedLayer], *, position: int = 0) -> bytes:
               "shape": list(first.shape), "dtype": first.dtype, "layers": len(layers), "position": int(position),
               "tensors": table}
     return encode_blob(header, sections=sections, align=_ALIGN)
-
-
-def _torch():
-    import torch
-
-    return torch
 
 
 def _dtype_name(dtype) -> str:

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ..._optional import torch as _torch
 from ...errors import CorruptData, InvalidArgument, InvalidType, TierstoreError
 from ..blob import decode_blob, encode_blob
 
@@ -67,11 +68,6 @@ _STORED_DTYPES = {"float16": 2, "bfloat16": 2, "float32": 4, "uint8": 1, "int8":
 _SCALE_DTYPES = ("float16", "float32")
 # For bits_per_value: a typical layer shape (the estimate depends on it only slightly).
 _NOMINAL_SHAPE = (8, 4096, 128)
-
-
-def _torch():
-    import torch
-    return torch
 
 
 def _tdtype(name: str):

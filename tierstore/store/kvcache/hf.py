@@ -27,26 +27,12 @@ import json
 import os
 from typing import Any
 
+from ..._optional import torch as _torch
+from ..._optional import transformers as _transformers
 from ...errors import ConfigError, InvalidArgument, InvalidType
 
 __all__ = ["cache_layers", "cache_tensors", "to_dynamic_cache", "cache_argument", "output_cache", "layout_of_model",
            "load_llama", "is_cache_object"]
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - the kv extra brings torch
-        raise ConfigError("the KV-cache store needs torch; install tierstore[kv]") from exc
-    return torch
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError("this needs transformers; install tierstore[hf]") from exc
-    return transformers
 
 
 def is_cache_object(obj: object) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import ConfigError, InvalidArgument, InvalidType
-from .hf import _torch
+from ..._optional import torch as _torch
 
 __all__ = ["RopeSpec", "rerotate_keys"]
 
