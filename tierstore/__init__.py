@@ -8,9 +8,9 @@ README and ``docs/`` for the architecture.
 from __future__ import annotations
 
 from . import errors
-from .errors import (AlreadyExists, CapacityError, CommitConflict, ConfigError, CorruptData, InvalidArgument,
-                     InvalidKey, InvalidType, NotFound, StoreClosed, TierstoreError, TierTimeout, TierUnavailable,
-                     WriterConflict)
+from .errors import (AlreadyExists, CapacityError, CommitConflict, ConfigError, CorruptData, FilterError,
+                     InvalidArgument, InvalidKey, InvalidType, NotFound, StoreClosed, TierstoreError, TierTimeout,
+                     TierUnavailable, WriterConflict)
 
 __version__ = "0.1.0"
 __all__ = ["errors", "__version__", "connect", "Database", "Collection", "SearchResult", *errors.__all__]

@@ -7,7 +7,8 @@ ValueError`` keep working for callers who do not know tierstore::
     TierstoreError
     ├── InvalidArgument (ValueError)     bad input: values, shapes, options, ranges
     │   ├── InvalidKey                   a key that no tier may store (``../x``, NUL, ...)
-    │   └── ConfigError                  a tier or store configured inconsistently
+    │   ├── ConfigError                  a tier or store configured inconsistently
+    │   └── FilterError                  a metadata filter that does not parse against the schema
     ├── InvalidType (TypeError)          an argument of the wrong type (``None`` value, ...)
     ├── NotFound (KeyError)              the key / collection / object does not exist
     ├── AlreadyExists                    ``mode="create"`` found the key already present
@@ -31,6 +32,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidKey",
     "ConfigError",
+    "FilterError",
     "InvalidType",
     "NotFound",
     "AlreadyExists",
@@ -58,6 +60,14 @@ class InvalidKey(InvalidArgument):
 
 class ConfigError(InvalidArgument):
     """A tier, store or index was configured inconsistently."""
+
+
+class FilterError(InvalidArgument):
+    """A metadata filter is malformed or does not fit the collection's attribute schema.
+
+    Raised by :func:`tierstore.index.filters.parse_filter`; the message names the
+    offending part by its path in the filter (``$and[1].year.$gte``).
+    """
 
 
 class InvalidType(TierstoreError, TypeError):

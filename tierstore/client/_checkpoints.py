@@ -125,6 +125,8 @@ class Checkpoints:
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n
+        self._columns, self._columns_pending = None, []  # rows renumbered: rebuilt by the next filtered search
+        self._rows_epoch += 1
         if self.memory_cache is None:
             self.vectors.resident = x
         self._commit(lsn)

@@ -20,13 +20,15 @@ its vector and attributes (upsert).
 
 **Search.** Without an index (fewer than ``auto_index_rows`` vectors and no
 :meth:`build_index`) search is exact. With one: probe the nearest lists, scan codes,
-rerank ``rerank * k`` candidates exactly, merge with the exact delta.
+rerank ``rerank * k`` candidates exactly, merge with the exact delta. ``filter=`` runs the
+filtered plans of :mod:`._filtered` (attribute columns, exact or widened filtered IVF).
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,6 +36,7 @@ import faiss
 import numpy as np
 
 from ..errors import InvalidArgument, InvalidType, NotFound, StoreClosed
+from ..index.filters import AttributeColumns
 from ..index.params import IndexParams, SearchParams
 from ..index.rerank import merge_topk, rerank, top_unique
 from ..index.spann import SpannIndex
@@ -43,6 +46,7 @@ from ..store.manifest import ManifestLog
 from ..store.wal import WriteAheadLog
 from ..store.wal_records import DeleteRecord, UpsertRecord
 from ._checkpoints import Checkpoints
+from ._filtered import FilteredSearch
 from ._rows import RowTable
 from .results import SearchResult
 
@@ -73,7 +77,7 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
     return {"dim": int(dim), "metric": metric, "attributes": schema}
 
 
-class Collection(Checkpoints):
+class Collection(Checkpoints, FilteredSearch):
     """Vectors with int64 ids; see the module docstring. Get one from :class:`Database`."""
 
     def __init__(self, db, name: str, *, memory_cache: int | None, flush_rows: int, auto_index_rows: int) -> None:
@@ -126,6 +130,11 @@ class Collection(Checkpoints):
         self._indexed_rows = self.rows.n if self.index is not None else 0
         if self.memory_cache is None or self.index is None:
             self.vectors.load_all()
+        self._columns = None  # attribute columns, built by the first filtered search
+        self._columns_pending: list = []
+        self._rows_epoch = 0  # bumped when rows die or are renumbered: memoised filter masks go stale
+        self._match_cache: OrderedDict = OrderedDict()
+        self._match_cache_epoch = None
         self._reset_delta()
         self._wal = WriteAheadLog(self.tier, f"{self.prefix}")
         for _, record in self._wal.replay(after=int(state["wal_lsn"])):
@@ -229,13 +238,17 @@ class Collection(Checkpoints):
                 if schema and name not in schema:
                     raise InvalidArgument(f"attributes[{i}] has {name!r}, which is not in the collection's schema "
                                           f"{sorted(schema)}")
+        if schema:  # value types, before anything is written (the filter columns need them right)
+            AttributeColumns.build(schema, attributes)
 
     def _apply_upsert(self, record: UpsertRecord) -> None:
         old = self.rows.lookup(record.ids)
         self._kill(old[old >= 0])
         self.rows.append(record.ids)
         self._delta_x.append(np.asarray(record.vectors))
-        self._delta_attrs.extend(record.attributes if record.attributes is not None else [None] * len(record))
+        attributes = list(record.attributes) if record.attributes is not None else [None] * len(record)
+        self._delta_attrs.extend(attributes)
+        self._columns_append(attributes)
         self._flat.add(record.vectors)
 
     def delete(self, ids: object) -> int:
@@ -259,6 +272,7 @@ class Collection(Checkpoints):
 
     def _kill(self, rows: np.ndarray) -> None:
         if rows.size:
+            self._rows_epoch += 1
             self.rows.kill(rows)
             indexed = rows[rows < self._indexed_rows]
             if indexed.size:
@@ -270,12 +284,16 @@ class Collection(Checkpoints):
         return (self.rows.n - self.vectors.rows) + sum(a.size for a in self._dead_indexed)
 
     # ------------------------------------------------------------------ search
-    def search(self, x: object, k: int = 10, **params: Any) -> SearchResult:
+    def search(self, x: object, k: int = 10, *, filter: Mapping | None = None, explain: bool = False,
+               **params: Any) -> SearchResult:
         """The ``k`` nearest live vectors of each query ``x`` (``(dim,)`` or ``(nq, dim)``).
 
         Keyword ``params`` are :class:`~tierstore.index.params.SearchParams` fields
         (``nprobe``, ``prune_ratio``, ``rerank``). ``k`` larger than the collection returns
-        what exists, padded with id -1 and distance inf.
+        what exists, padded with id -1 and distance inf. ``filter``: a metadata filter
+        (:mod:`tierstore.index.filters`), e.g. ``{"year": {"$gte": 2020}, "lang": "en"}``;
+        ``res.stats["plan"]`` tells how it ran, ``explain=True`` adds the planner's view.
+        A filtered search returns ``min(k, matches)`` results.
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise InvalidType(f"k must be an int, got {k!r}")
@@ -286,6 +304,8 @@ class Collection(Checkpoints):
         k = int(k)
         with self._lock:
             self._check_open()
+            if filter is not None:
+                return self._search_filtered(xq, k, sp, filter, explain)
             parts = []
             stats: dict[str, Any] = {}
             live = self.rows.live_full

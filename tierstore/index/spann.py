@@ -281,18 +281,49 @@ class SpannIndex(ListUpdates):
             lists = np.where(d2 <= prune_ratio * np.maximum(d2[:, :1], 1e-12), lists, -1)
         return coarse, lists
 
+    def probe_filtered(self, xq: np.ndarray, nprobe: int, matches: np.ndarray,
+                       target: int) -> tuple[np.ndarray, np.ndarray]:
+        """Lists to scan under a filter, widened per query until they hold ``target`` matches.
+
+        ``matches[slot]``: how many rows matching the filter have that list as their
+        primary list (counted from the resident row table and attribute columns, no
+        I/O). Each query takes its lists in centroid order, skips lists without a match,
+        and stops at the first prefix whose matches reach ``target`` (and never before
+        ``nprobe`` lists): one pass, yet at least ``min(target, all matches)`` candidates
+        (SQUASH's guarantee). The coarse search looks at ``nprobe`` lists, then 8 times
+        more, then every active list, until the lists seen hold enough.
+        """
+        active = self.active_lists.size
+        width = min(active, nprobe)
+        while True:
+            coarse, lists = coarse_search(self._slot_coarse, xq, width)
+            counts = matches[lists]  # every slot returned is active (width <= active lists)
+            cum = counts.cumsum(axis=1)
+            if width == active or cum[:, -1].min() >= target:
+                break
+            width = min(active, 8 * width)
+        if width == nprobe:  # the usual broad filter: the nprobe nearest lists suffice
+            return coarse, np.where(counts > 0, lists, -1)
+        need = np.maximum(np.minimum((cum < target).sum(axis=1) + 1, width), min(nprobe, width))
+        keep = (np.arange(width)[None, :] < need[:, None]) & (counts > 0)
+        return coarse, np.where(keep, lists, -1)
+
     def search_codes(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """Coarse search and code scan in one call (every list resident, no pruning)."""
         return self.scanner.search(xq, min(nprobe, self.active_lists.size), candidates)
 
-    def scan(self, xq: np.ndarray, coarse: np.ndarray, lists: np.ndarray, candidates: int):
+    def scan(self, xq: np.ndarray, coarse: np.ndarray, lists: np.ndarray, candidates: int, allowed=None):
         """Code-scan the probed lists: ``(scores, rows)`` of the best ``candidates`` per query.
 
         ``xq`` float32 C-contiguous; ``lists``/``coarse`` from :meth:`probe`. Scores are
         faiss's: squared L2 (smaller better) or inner product (larger better).
+        ``allowed``: a :class:`~tierstore.index.selection.RowSelection` (a filter's rows);
+        other rows are not scored.
         """
         self.ensure_loaded(lists)
-        return self.scanner.search_preassigned(xq, lists, coarse, candidates)
+        if allowed is None:
+            return self.scanner.search_preassigned(xq, lists, coarse, candidates)
+        return self.scanner.search_preassigned(xq, lists, coarse, candidates, allowed)
 
     def live_segments(self) -> set[str]:
         used = np.unique(self.directory.segment[self.directory.segment >= 0])

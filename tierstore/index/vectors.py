@@ -22,6 +22,7 @@ import numpy as np
 from xxhash import xxh3_64_intdigest
 
 from ..errors import CorruptData
+from ..store._json import dumps_json
 from ..store.blob import decode_blob, encode_blob, read_header
 
 __all__ = ["VectorStore"]
@@ -69,8 +70,8 @@ class VectorStore:
             records[:, self.dim * 4:] = sums.astype("<u8").view(np.uint8).reshape(-1, _CHECK)
             sections = {"records": records}
             if attributes is not None:
-                sections["attributes"] = json.dumps(list(attributes[a:a + chunk_rows]), separators=(",", ":"),
-                                                    allow_nan=False).encode()
+                # frozen WAL attributes (read-only mappings) and plain dicts alike
+                sections["attributes"] = dumps_json(list(attributes[a:a + chunk_rows]))
             number = len(self.keys) + len(items)
             key = f"{self.prefix}/vec/{number:08d}"
             blob = encode_blob({"kind": "vector-chunk", "format": 1, "first_row": first + a,

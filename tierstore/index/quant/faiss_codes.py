@@ -258,15 +258,20 @@ class FaissScanner:
         return scores, rows
 
     def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,
-                           candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scan the given lists (``-1`` skipped) with their coarse scores."""
+                           candidates: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+        """Scan the given lists (``-1`` skipped) with their coarse scores.
+
+        ``allowed``: a :class:`~tierstore.index.selection.RowSelection`; only those rows
+        are scored (a faiss ``IDSelectorBitmap`` checked inside the scan, no extra pass).
+        """
         ivf = self.ivf
         if ivf.nprobe != lists.shape[1]:
             ivf.nprobe = lists.shape[1]
         n = xq.shape[0]
         scores = np.empty((n, candidates), dtype=np.float32)
         rows = np.empty((n, candidates), dtype=np.int64)
+        params = None if allowed is None else allowed.faiss_params(lists.shape[1])
         # The raw SWIG call: the Python wrapper's checks and copies cost ~8 us a query.
         ivf.search_preassigned_c(n, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
-                                 faiss.swig_ptr(scores), faiss.swig_ptr(rows), False)
+                                 faiss.swig_ptr(scores), faiss.swig_ptr(rows), False, params)
         return scores, rows

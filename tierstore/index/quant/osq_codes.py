@@ -139,8 +139,11 @@ class OsqScanner:
         return self.search_preassigned(xq, lists, coarse, candidates)
 
     def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,
-                           candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores (faiss's convention: inner product for "ip", squared L2 for "l2") and rows."""
+                           candidates: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (faiss's convention: inner product for "ip", squared L2 for "l2") and rows.
+
+        ``allowed``: a :class:`~tierstore.index.selection.RowSelection`; other rows are never returned.
+        """
         n = xq.shape[0]
         scores = np.full((n, candidates), np.inf if self.codes.metric == "l2" else -np.inf, np.float32)
         rows = np.full((n, candidates), -1, np.int64)
@@ -166,6 +169,11 @@ class OsqScanner:
             if not parts_ids:
                 continue
             ids, dist = np.concatenate(parts_ids), np.concatenate(parts_dist)
+            if allowed is not None:
+                keep = allowed.mask[ids]
+                ids, dist = ids[keep], dist[keep]
+                if not ids.size:
+                    continue
             take = min(candidates, dist.size)
             best = np.argpartition(dist, take - 1)[:take] if dist.size > take else np.arange(dist.size)
             best = best[np.argsort(dist[best], kind="stable")]

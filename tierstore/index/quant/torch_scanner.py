@@ -108,8 +108,11 @@ class TorchScanner:
         return self.search_preassigned(xq, lists, coarse, candidates)
 
     def search_preassigned(self, xq: np.ndarray, lists: np.ndarray, coarse: np.ndarray,
-                           candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores in faiss's convention (inner product for "ip", squared L2 for "l2") and rows."""
+                           candidates: int, allowed=None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores in faiss's convention (inner product for "ip", squared L2 for "l2") and rows.
+
+        ``allowed``: a :class:`~tierstore.index.selection.RowSelection`; other rows are never returned.
+        """
         torch = self.torch
         x, norms, ids, owner = self._arena or self._build_arena()
         n, l2 = xq.shape[0], self.codes.metric == "l2"
@@ -126,6 +129,9 @@ class TorchScanner:
             wanted = torch.from_numpy(np.where(lists >= 0, lists, self._nslots)).to(self.device)
             probed.scatter_(1, wanted, True)
             dist = dist.masked_fill(~probed[:, :self._nslots][:, owner], float("inf"))
+            if allowed is not None:
+                ok = torch.from_numpy(allowed.mask).to(self.device)[ids]
+                dist = dist.masked_fill(~ok[None, :], float("inf"))
             best, where = torch.topk(dist, take, dim=1, largest=False)
             found = ids[where]
             found = torch.where(torch.isinf(best), torch.full_like(found, -1), found)
