@@ -156,3 +156,22 @@ def test_bad_filters_and_attribute_values_are_typed_errors(collection, tmp_path)
         with pytest.raises(InvalidType, match="year"):
             c2.add([1, 2], x[:2], [{"year": 2020}, {"year": "2021"}])
         assert c2.count() == 0
+
+
+def test_committed_columns_follow_a_rebuild(tmp_path):
+    """Columns are stored at each checkpoint; a rebuild renumbers rows and must not reuse old ones."""
+    x, attrs = make_rows(2_000, seed=4)
+    spec = {"lang": "de", "ok": True}
+    ok = np.array([matches(a, spec) for a in attrs])
+    with tierstore.connect(tmp_path) as db:
+        col = db.create_collection("c", dim=24, attributes=SCHEMA)
+        col.add(np.arange(2_000), x, attrs)
+        col.flush()
+        col.build_index()  # rows renumbered list by list; no deletes, so the row count is unchanged
+        first = col.search(x[:5], k=5, filter=spec)
+    assert ok[first.ids[first.ids >= 0]].all()
+    with tierstore.connect(tmp_path) as db:
+        col = db.collection("c")
+        assert col._columns_source is not None  # read from the committed blob, not the chunks' JSON
+        again = col.search(x[:5], k=5, filter=spec)
+        assert (again.ids == first.ids).all() and ok[again.ids[again.ids >= 0]].all()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..index.filters import AttributeColumns
 from ..index.params import IndexParams
 from ..index.spann import SpannIndex
 from ..index.vectors import VectorStore
@@ -63,10 +64,15 @@ class Checkpoints:
         if self.index is not None:
             index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}"
             self.index.save(index_key)
+        attrs_key = None
+        if self.settings["attributes"]:  # the filter columns, so opening does not parse every chunk's JSON
+            attrs_key = f"{self._gen_prefix}/attrs-{self._checkpoint:06d}"
+            self.tier.put(attrs_key, self._attribute_columns().to_bytes())
         old = self._manifest.state
         state = {"settings": self.settings, "generation": self._gen, "checkpoint": self._checkpoint,
                  "index": index_key, "rows": rows_key, "vectors": self.vectors.state(), "wal_lsn": lsn,
-                 "index_params": self._index_params.to_json() if self._index_params else None}
+                 "index_params": self._index_params.to_json() if self._index_params else None,
+                 "attributes": attrs_key}
         self._manifest = self._log.commit(state, expected_version=self._manifest.version)
         self._wal.truncate(lsn)
         self.rows.reindex()
@@ -75,8 +81,9 @@ class Checkpoints:
 
     def _collect_garbage(self, old: Mapping) -> None:
         """Delete blobs the new state no longer names (after the commit: a crash only leaks)."""
-        doomed = [k for k in (old.get("rows"), old.get("index")) if k and k not in (self._manifest.state["rows"],
-                                                                                   self._manifest.state["index"])]
+        names = ("rows", "index", "attributes")
+        kept = {self._manifest.state.get(name) for name in names}
+        doomed = [old[name] for name in names if old.get(name) and old[name] not in kept]
         if int(old.get("generation", self._gen)) != self._gen:
             doomed = self.tier.list(f"{self.prefix}/g{int(old['generation']):06d}/")
         elif self.index is not None:
@@ -125,7 +132,9 @@ class Checkpoints:
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n
-        self._columns, self._columns_pending = None, []  # rows renumbered: rebuilt by the next filtered search
+        # Rows were renumbered: the columns follow the new order (never an older generation's blob).
+        self._columns = AttributeColumns.build(self.settings["attributes"], attrs or [None] * ids.size)
+        self._columns_pending, self._columns_source = [], None
         self._rows_epoch += 1
         if self.memory_cache is None:
             self.vectors.resident = x

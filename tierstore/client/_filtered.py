@@ -62,8 +62,13 @@ class FilteredSearch:
     def _attribute_columns(self) -> AttributeColumns:
         """Columns of every row's attributes, built on first use, then extended in batches."""
         if self._columns is None:
-            stored = self.vectors.attributes() if self.vectors.rows else []
-            self._columns = AttributeColumns.build(self.settings["attributes"], stored + list(self._delta_attrs))
+            key, self._columns_source = self._columns_source, None
+            stored = AttributeColumns.from_bytes(self.tier.get(key), source=key) if key else None
+            if stored is not None and len(stored) == self.vectors.rows:
+                self._columns = stored.append(list(self._delta_attrs)) if self._delta_attrs else stored
+            else:
+                stored = self.vectors.attributes() if self.vectors.rows else []
+                self._columns = AttributeColumns.build(self.settings["attributes"], stored + list(self._delta_attrs))
             self._columns_pending = []
         elif self._columns_pending:
             self._columns = self._columns.append(self._columns_pending)

@@ -130,7 +130,8 @@ class Collection(Checkpoints, FilteredSearch):
         self._indexed_rows = self.rows.n if self.index is not None else 0
         if self.memory_cache is None or self.index is None:
             self.vectors.load_all()
-        self._columns = None  # attribute columns, built by the first filtered search
+        self._columns = None  # attribute columns, built by the first filtered search (or a checkpoint)
+        self._columns_source = state.get("attributes")  # the committed columns blob, read on first use
         self._columns_pending: list = []
         self._rows_epoch = 0  # bumped when rows die or are renumbered: memoised filter masks go stale
         self._match_cache: OrderedDict = OrderedDict()
