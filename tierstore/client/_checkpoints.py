@@ -64,10 +64,9 @@ class Checkpoints:
         if self.index is not None:
             index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}"
             self.index.save(index_key)
-        attrs_key = None
-        if self.settings["attributes"]:  # the filter columns, so opening does not parse every chunk's JSON
-            attrs_key = f"{self._gen_prefix}/attrs-{self._checkpoint:06d}"
-            self.tier.put(attrs_key, self._attribute_columns().to_bytes())
+        # The filter and tenant columns, so opening does not parse every chunk's JSON.
+        attrs_key = f"{self._gen_prefix}/attrs-{self._checkpoint:06d}"
+        self.tier.put(attrs_key, self._attribute_columns().to_bytes())
         old = self._manifest.state
         state = {"settings": self.settings, "generation": self._gen, "checkpoint": self._checkpoint,
                  "index": index_key, "rows": rows_key, "vectors": self.vectors.state(), "wal_lsn": lsn,
@@ -133,7 +132,7 @@ class Checkpoints:
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))
         self._indexed_rows = self.rows.n
         # Rows were renumbered: the columns follow the new order (never an older generation's blob).
-        self._columns = AttributeColumns.build(self.settings["attributes"], attrs or [None] * ids.size)
+        self._columns = AttributeColumns.build(self._column_schema, attrs or [None] * ids.size)
         self._columns_pending, self._columns_source = [], None
         self._rows_epoch += 1
         if self.memory_cache is None:

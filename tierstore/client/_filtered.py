@@ -32,6 +32,8 @@ from ..index.rerank import merge_topk, rerank
 from ..index.selection import RowSelection
 from .results import SearchResult
 
+TENANTS = "__tenants"  # the hidden keywords column of tenant memberships
+
 __all__ = ["FilteredSearch", "EXACT_MIN"]
 
 EXACT_MIN = 1024
@@ -45,30 +47,48 @@ _MASK_CACHE = 32  # filters whose match masks are kept (a tenant or section filt
 
 
 class _Matches:
-    """One filter's matching live rows, and what the plans derive from them."""
+    """The live rows a search may return (a filter's, a tenant's, or both), and what the plans derive from them."""
 
-    def __init__(self, predicate, mask: np.ndarray, indexed: int) -> None:
+    def __init__(self, predicate, rows: np.ndarray, indexed: int) -> None:
         self.predicate = predicate
-        self.mask = mask
-        self.count = int(np.count_nonzero(mask))
-        self.in_index = mask[:indexed]
-        self.selection = RowSelection(self.in_index)
+        self.rows = rows                      # sorted row numbers
+        self.count = int(rows.size)
+        split = int(np.searchsorted(rows, indexed))
+        self.in_index = rows[:split]          # rows the index holds
+        self.delta = rows[split:] - indexed   # rows of the exact delta, as its local ids
+        self.indexed = indexed
         self.per_list: np.ndarray | None = None
+        self._selection: RowSelection | None = None
+
+    def selection(self) -> RowSelection:
+        if self._selection is None:
+            self._selection = RowSelection.from_rows(self.in_index, self.indexed)
+        return self._selection
+
+    @property
+    def nbytes(self) -> int:
+        extra = self._selection.nbytes if self._selection is not None else 0
+        return self.rows.nbytes + (self.per_list.nbytes if self.per_list is not None else 0) + extra
 
 
 class FilteredSearch:
     """Filtered search methods of :class:`~.collection.Collection` (uses its state)."""
+
+    @property
+    def _column_schema(self) -> dict[str, str]:
+        """The user's attributes plus the hidden tenant column."""
+        return {**self.settings["attributes"], TENANTS: "keywords"}
 
     def _attribute_columns(self) -> AttributeColumns:
         """Columns of every row's attributes, built on first use, then extended in batches."""
         if self._columns is None:
             key, self._columns_source = self._columns_source, None
             stored = AttributeColumns.from_bytes(self.tier.get(key), source=key) if key else None
-            if stored is not None and len(stored) == self.vectors.rows:
+            if stored is not None and len(stored) == self.vectors.rows and stored.schema == self._column_schema:
                 self._columns = stored.append(list(self._delta_attrs)) if self._delta_attrs else stored
             else:
                 stored = self.vectors.attributes() if self.vectors.rows else []
-                self._columns = AttributeColumns.build(self.settings["attributes"], stored + list(self._delta_attrs))
+                self._columns = AttributeColumns.build(self._column_schema, stored + list(self._delta_attrs))
             self._columns_pending = []
         elif self._columns_pending:
             self._columns = self._columns.append(self._columns_pending)
@@ -80,21 +100,24 @@ class FilteredSearch:
         if self._columns is not None:
             self._columns_pending.extend(attributes)
 
-    def _matches(self, filter_spec: Any) -> _Matches:
-        """The rows matching ``filter_spec``, memoised per filter until rows change."""
-        try:
-            key = json.dumps(filter_spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError):
-            key = None  # not plain JSON: parse_filter says what is wrong
+    def _fresh_caches(self) -> None:
+        """Drop memoised row sets when rows changed since they were made."""
         epoch = (self.rows.n, self._rows_epoch)
         if self._match_cache_epoch != epoch:
             self._match_cache.clear()
+            self._tenant_cache.clear()
+            self._tenant_postings = None
             self._match_cache_epoch = epoch
+
+    def _matches(self, filter_spec: Any) -> _Matches:
+        """The rows matching ``filter_spec``, memoised per filter until rows change."""
+        key = _filter_key(filter_spec)
+        self._fresh_caches()
         found = self._match_cache.get(key) if key is not None else None
         if found is None:
             predicate = parse_filter(filter_spec, self.settings["attributes"])
-            found = _Matches(predicate, predicate.evaluate(self._attribute_columns()) & self.rows.live,
-                             self._indexed_rows)
+            mask = predicate.evaluate(self._attribute_columns()) & self.rows.live
+            found = _Matches(predicate, np.flatnonzero(mask), self._indexed_rows)
             if key is not None:
                 self._match_cache[key] = found
                 while len(self._match_cache) > _MASK_CACHE:
@@ -104,36 +127,35 @@ class FilteredSearch:
         return found
 
     def _search_filtered(self, xq: np.ndarray, k: int, sp, filter_spec: Any, explain: bool) -> SearchResult:
-        found = self._matches(filter_spec)
-        predicate, mask, matches = found.predicate, found.mask, found.count
+        return self._search_matches(xq, k, sp, self._matches(filter_spec), explain)
+
+    def _search_matches(self, xq: np.ndarray, k: int, sp, found: _Matches, explain: bool) -> SearchResult:
+        """The top ``k`` among ``found``'s rows: the exact plan or the widened filtered IVF."""
+        matches = found.count
         candidates = k * max(sp.rerank, MIN_RERANK)
         exact_limit = max(EXACT_MIN, 8 * candidates)
         indexed = self._indexed_rows
         stats: dict[str, Any] = {"matches": matches, "selectivity": matches / max(self.rows.count(), 1)}
         parts = []
-        if matches and indexed:
-            in_index = found.in_index
+        stats["plan"] = "exact"
+        if found.in_index.size:
             if self.index is None or matches <= exact_limit:
-                stats["plan"] = "exact"
-                rows = np.flatnonzero(in_index)
-                if rows.size:
-                    parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
+                rows = found.in_index
+                parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
             else:
                 stats["plan"] = "filtered_ivf"
                 if found.per_list is None:
-                    found.per_list = np.bincount(self.rows.row_list[:indexed][in_index],
-                                                 minlength=self.index.directory.nlist)
+                    found.per_list = np.bincount(self.rows.row_list[found.in_index],
+                                                 minlength=self.index.directory.nlist).astype(np.int32)
                 coarse, lists = self.index.probe_filtered(xq, sp.nprobe, found.per_list,
                                                           TARGET_FACTOR * candidates)
-                _, rows = self.index.scan(xq, coarse, lists, candidates, allowed=found.selection)
+                _, rows = self.index.scan(xq, coarse, lists, candidates, allowed=found.selection())
                 parts.append(self._rerank(xq, rows, k))  # always exact: the candidates are few
                 stats["lists_probed"] = int((lists >= 0).sum())
-        else:
-            stats["plan"] = "exact"
-        if matches and self._flat.ntotal:
-            parts.append(self._flat_filtered(xq, k, mask[indexed:]))
+        if found.delta.size and self._flat.ntotal:
+            parts.append(self._flat_filtered(xq, k, found.delta))
         if explain:
-            stats["explain"] = {"filter": str(predicate), "exact_limit": exact_limit, "candidates": candidates,
+            stats["explain"] = {"filter": str(found.predicate), "exact_limit": exact_limit, "candidates": candidates,
                                 "nprobe": sp.nprobe, "indexed_rows": indexed, "delta_rows": int(self._flat.ntotal)}
         if not parts:
             return SearchResult(np.full((xq.shape[0], k), -1, np.int64),
@@ -149,10 +171,17 @@ class FilteredSearch:
         return rerank(xq, rows, k, live=None, metric=self._index_metric, vectors=vectors,
                       read_vectors=None if vectors is not None else self.vectors.read_rows)
 
-    def _flat_filtered(self, xq: np.ndarray, k: int, allowed: np.ndarray):
-        bitmap = np.packbits(allowed, bitorder="little")
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(allowed.size, faiss.swig_ptr(bitmap)))
-        scores, local = self._flat.search(xq, min(k, self._flat.ntotal), params=params)
-        rows = np.where(local >= 0, local + self._indexed_rows, -1)
+    def _flat_filtered(self, xq: np.ndarray, k: int, local: np.ndarray):
+        selector = faiss.IDSelectorBatch(local.size, faiss.swig_ptr(np.ascontiguousarray(local, dtype=np.int64)))
+        params = faiss.SearchParameters(sel=selector)
+        scores, found = self._flat.search(xq, min(k, self._flat.ntotal), params=params)
+        rows = np.where(found >= 0, found + self._indexed_rows, -1)
         distances = scores if self._index_metric == "l2" else -scores
         return np.where(rows >= 0, distances, np.inf).astype(np.float32), rows
+
+
+def _filter_key(filter_spec: Any) -> str | None:
+    try:
+        return json.dumps(filter_spec, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None  # not plain JSON: parse_filter says what is wrong

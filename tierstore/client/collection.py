@@ -46,8 +46,9 @@ from ..store.manifest import ManifestLog
 from ..store.wal import WriteAheadLog
 from ..store.wal_records import DeleteRecord, UpsertRecord
 from ._checkpoints import Checkpoints
-from ._filtered import FilteredSearch
+from ._filtered import TENANTS, FilteredSearch
 from ._rows import RowTable
+from .tenants import Tenancy
 from .results import SearchResult
 
 __all__ = ["Collection", "METRICS", "ATTRIBUTE_TYPES"]
@@ -77,7 +78,7 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
     return {"dim": int(dim), "metric": metric, "attributes": schema}
 
 
-class Collection(Checkpoints, FilteredSearch):
+class Collection(Checkpoints, FilteredSearch, Tenancy):
     """Vectors with int64 ids; see the module docstring. Get one from :class:`Database`."""
 
     def __init__(self, db, name: str, *, memory_cache: int | None, flush_rows: int, auto_index_rows: int) -> None:
@@ -135,6 +136,8 @@ class Collection(Checkpoints, FilteredSearch):
         self._columns_pending: list = []
         self._rows_epoch = 0  # bumped when rows die or are renumbered: memoised filter masks go stale
         self._match_cache: OrderedDict = OrderedDict()
+        self._tenant_cache: OrderedDict = OrderedDict()
+        self._tenant_postings = None
         self._match_cache_epoch = None
         self._reset_delta()
         self._wal = WriteAheadLog(self.tier, f"{self.prefix}")
@@ -217,30 +220,37 @@ class Collection(Checkpoints, FilteredSearch):
     # ------------------------------------------------------------------ writes
     def add(self, ids: object, vectors: object, attributes: Sequence[Mapping[str, Any]] | None = None) -> int:
         """Insert or replace (upsert) ``vectors`` under ``ids``; durable on return. Returns the count."""
+        return self._upsert(ids, vectors, attributes)
+
+    def _upsert(self, ids: object, vectors: object, attributes, *, internal: bool = False) -> int:
+        """:meth:`add`; ``internal`` lets tenant bookkeeping write the hidden tenant column."""
         with self._lock:
             self._check_open()
             if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
                 ids = [ids]
             record = UpsertRecord(ids, self._prepare_vectors(vectors, len(np.atleast_1d(np.asarray(ids)))),
                                   attributes)
-            self._check_attributes(record.attributes)
+            self._check_attributes(record.attributes, internal)
             self._wal.append(record)
             self._apply_upsert(record)
             if len(self._delta_x) and self._pending() >= self.flush_rows:
                 self.flush()
             return len(record)
 
-    def _check_attributes(self, attributes) -> None:
+    def _check_attributes(self, attributes, internal: bool = False) -> None:
         if attributes is None:
             return
         schema = self.settings["attributes"]
         for i, item in enumerate(attributes):
             for name in item:
-                if schema and name not in schema:
+                if name == TENANTS and not internal:
+                    raise InvalidArgument(f"attributes[{i}] has {name!r}, a name tierstore keeps for tenants; "
+                                          "use col.tenant(name).add(...) or col.grant(...)")
+                if schema and name not in schema and name != TENANTS:
                     raise InvalidArgument(f"attributes[{i}] has {name!r}, which is not in the collection's schema "
                                           f"{sorted(schema)}")
-        if schema:  # value types, before anything is written (the filter columns need them right)
-            AttributeColumns.build(schema, attributes)
+        # value types, before anything is written (the filter columns need them right)
+        AttributeColumns.build(self._column_schema, attributes)
 
     def _apply_upsert(self, record: UpsertRecord) -> None:
         old = self.rows.lookup(record.ids)
@@ -296,13 +306,7 @@ class Collection(Checkpoints, FilteredSearch):
         ``res.stats["plan"]`` tells how it ran, ``explain=True`` adds the planner's view.
         A filtered search returns ``min(k, matches)`` results.
         """
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-            raise InvalidType(f"k must be an int, got {k!r}")
-        if k <= 0:
-            raise InvalidArgument(f"k must be >= 1, got {k}")
-        sp = _search_params(params) if params else _DEFAULT_SEARCH
-        xq = self._prepare_vectors(x, None)
-        k = int(k)
+        xq, k, sp = self._search_args(x, k, params)
         with self._lock:
             self._check_open()
             if filter is not None:
@@ -351,6 +355,15 @@ class Collection(Checkpoints, FilteredSearch):
         if self.metric == "cosine":
             distances = distances + 1.0
         return SearchResult(ids, distances.astype(np.float32, copy=False), stats)
+
+    def _search_args(self, x: object, k: object, params: dict):
+        """Checked queries (float32, normalised for cosine), ``k`` and search parameters."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InvalidType(f"k must be an int, got {k!r}")
+        if k <= 0:
+            raise InvalidArgument(f"k must be >= 1, got {k}")
+        sp = _search_params(params) if params else _DEFAULT_SEARCH
+        return self._prepare_vectors(x, None), int(k), sp
 
     def _code_topk(self, scores: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
         distances = scores if self._index_metric == "l2" else -scores

@@ -469,6 +469,31 @@ class AttributeColumns:
     def __len__(self) -> int:
         return self._rows
 
+    def tags_of(self, name: str, rows: np.ndarray) -> list[set[str]]:
+        """The tag sets of ``rows`` in a ``keywords`` column."""
+        column = self._column(name, "keywords")
+        words = list(column.vocabulary)
+        return [{words[c] for c in column.codes[column.offsets[r]:column.offsets[r + 1]].tolist()}
+                for r in np.asarray(rows, dtype=np.int64).tolist()]
+
+    def column_nbytes(self, name: str) -> int:
+        """Resident bytes of one column (its arrays and words)."""
+        column = self._columns[name]
+        words = getattr(column, "vocabulary", {})
+        return sum(a.nbytes for a in column.arrays().values()) + sum(len(w) + 60 for w in words)
+
+    def postings(self, name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+        """The inverted index of a ``keywords`` column: ``(word -> code, starts, rows)``.
+
+        The rows holding word code ``c`` are ``rows[starts[c]:starts[c + 1]]``, ascending
+        (int32). One sort of the column's codes; the tenant index is built this way.
+        """
+        column = self._column(name, "keywords")
+        row_of = np.repeat(np.arange(self._rows, dtype=np.int32), np.diff(column.offsets))
+        order = np.argsort(column.codes, kind="stable")
+        starts = np.searchsorted(column.codes[order], np.arange(len(column.vocabulary) + 1))
+        return dict(column.vocabulary), starts, row_of[order]
+
     @property
     def nbytes(self) -> int:
         """Resident bytes: the arrays, the vocabulary words and their word -> code dicts."""

@@ -116,6 +116,20 @@ class VectorStore:
                 out.extend([None] * count)
         return out
 
+    def attributes_of(self, rows: np.ndarray) -> list:
+        """The attributes of ``rows`` (sorted or not), reading only the chunks that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        chunk = np.searchsorted(self.first_row, rows, side="right") - 1
+        wanted = np.unique(chunk)
+        parsed: dict[int, list] = {}
+        for c, value in zip(wanted.tolist(), self.tier.get_many([self.keys[c] for c in wanted.tolist()])):
+            if value is None:
+                raise CorruptData(f"vector chunk {self.keys[c]!r} is missing; the collection is damaged")
+            blob = decode_blob(value, source=self.keys[c])
+            parsed[c] = (json.loads(bytes(blob.section("attributes"))) if "attributes" in blob.sections
+                         else [None] * int(self.count[c]))
+        return [parsed[c][r - int(self.first_row[c])] for r, c in zip(rows.tolist(), chunk.tolist())]
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of ``rows`` (any order, repeats allowed) as ``(len(rows), dim)`` float32."""
         rows = np.asarray(rows, dtype=np.int64)

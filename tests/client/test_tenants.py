@@ -1,0 +1,107 @@
+"""Tenants: handles see only their rows; sharing, revoking, dropping; durable; typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tierstore
+from tierstore.errors import AlreadyExists, FilterError, InvalidArgument, InvalidType, NotFound
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3_000, 16)).astype(np.float32)
+    db = tierstore.connect(tmp_path)
+    col = db.create_collection("c", dim=16, attributes={"kind": "keyword"})
+    col.tenant("big").add(np.arange(2_000), x[:2_000], [{"kind": "odd" if i % 2 else "even"} for i in range(2_000)])
+    col.tenant("small").add(np.arange(2_000, 2_100), x[2_000:2_100])
+    col.add(np.arange(2_100, 3_000), x[2_100:])  # rows of no tenant
+    col.build_index()
+    yield db, col, x, tmp_path
+    db.close()
+
+
+def test_handles_see_only_their_rows(setup):
+    _, col, x, _ = setup
+    big, small = col.tenant("big"), col.tenant("small")
+    assert big.count() == 2_000 and small.count() == 100 and col.tenants() == ["big", "small"]
+    res = small.search(x[:20], k=10)  # queries near big's vectors
+    assert res.stats["plan"] == "exact" and ((res.ids >= 2_000) & (res.ids < 2_100)).all()
+    res = big.search(x[2_000:2_020], k=10)
+    assert res.stats["plan"] == "filtered_ivf" and ((res.ids >= 0) & (res.ids < 2_000)).all()
+    res = big.search(x[:20], k=10, filter={"kind": "odd"})
+    assert (res.ids % 2 == 1).all() and (res.ids < 2_000).all()
+    assert col.search(x[2_500], k=1).ids[0, 0] == 2_500  # the collection itself sees every row
+    res = big.search(x[2_000:2_040], k=10)
+    exact = np.argsort(((x[:2_000][None] - x[2_000:2_040][:, None]) ** 2).sum(-1), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids, exact)])
+    assert recall >= 0.9, recall
+
+
+def test_sharing_revoking_deleting_and_dropping(setup):
+    _, col, x, _ = setup
+    big, small = col.tenant("big"), col.tenant("small")
+    assert col.grant([5, 6, 7], "small") == 3 and small.count() == 103
+    assert set(small.search(x[5:8], k=1).ids.ravel().tolist()) == {5, 6, 7}
+    assert big.search(x[5:8], k=1).ids.ravel().tolist() == [5, 6, 7]  # still big's too
+    assert small.delete([5]) == 1  # shared: small loses it, big keeps it
+    assert small.count() == 102 and big.count() == 2_000
+    assert 5 not in small.search(x[5], k=5).ids
+    assert col.revoke([6], "small") == 1 and small.count() == 101
+    assert big.delete([0, 1]) == 2 and big.count() == 1_998 and col.count() == 2_998  # big's own rows go
+    assert col.drop_tenant("small") == 101
+    assert col.tenants() == ["big"] and big.count() == 1_998  # 7 stayed with big
+    assert col.tenant("small").search(x[:2], k=3).ids.tolist() == [[-1] * 3] * 2  # unknown: empty
+    with pytest.raises(NotFound):
+        col.drop_tenant("small")
+    with pytest.raises(NotFound):
+        col.revoke([7], "nobody")
+    with pytest.raises(NotFound):
+        col.grant([99_999], "big")
+
+
+def test_ids_are_global_and_handles_cannot_reach_other_rows(setup):
+    _, col, x, _ = setup
+    big, small = col.tenant("big"), col.tenant("small")
+    with pytest.raises(AlreadyExists, match="already used"):
+        small.add([10], x[:1])  # big's id
+    with pytest.raises(AlreadyExists):
+        small.add([2_500], x[:1])  # a row of no tenant
+    small.add([2_050], x[:1] * 2)  # its own row: replaced
+    assert small.search(x[0] * 2, k=1).ids[0, 0] == 2_050
+    assert small.delete([10, 11, 2_500]) == 0 and big.count() == 2_000 and col.count() == 3_000
+    for spec in ({"__tenants": "big"}, {"$or": [{"__tenants": "big"}, {"kind": "odd"}]}):
+        with pytest.raises(FilterError, match="__tenants"):
+            small.search(x[0], k=5, filter=spec)
+    res = small.search(x[:50], k=10, filter={"$or": [{"kind": "odd"}, {"kind": {"$ne": "odd"}}]})
+    assert ((res.ids >= 2_000) & (res.ids < 2_100)).all()
+    with pytest.raises(InvalidArgument, match="__tenants"):
+        col.add([5_000], x[:1], [{"__tenants": ["big"]}])  # the hidden column is not writable by hand
+
+
+def test_memberships_survive_a_reopen_and_offload(setup):
+    db, col, x, path = setup
+    col.grant([1], "small")
+    small = col.tenant("small")
+    before = small.search(x[:10], k=5).ids
+    assert col.offload_tenants(keep=0) >= 1
+    assert (small.search(x[:10], k=5).ids == before).all()  # comes back on its first query
+    stats = col.tenant_stats()
+    assert stats["tenants"] == 2 and stats["memberships"] >= 2_101 and stats["tenant_index_bytes"] > 0
+    db.close()
+    with tierstore.connect(path) as again:
+        col2 = again.collection("c")
+        assert col2.tenant("small").count() == 101 and col2.tenants() == ["big", "small"]
+        assert (col2.tenant("small").search(x[:10], k=5).ids == before).all()
+
+
+def test_bad_tenant_names(setup):
+    _, col, _, _ = setup
+    for name, error in ((None, InvalidType), ("", InvalidArgument), ("a\nb", InvalidArgument), ("x" * 300,
+                                                                                                 InvalidArgument)):
+        with pytest.raises(error):
+            col.tenant(name)
+    with pytest.raises(InvalidArgument):
+        col.offload_tenants(keep=-1)

@@ -1,0 +1,299 @@
+"""Tenants: many users' vectors in one collection, each seeing only its own (Curator-style).
+
+``t = col.tenant("acme")`` is a handle bound to one tenant: its ``add``, ``search``,
+``delete`` and ``count`` see only rows that tenant holds. A row may be held by several
+tenants (``col.grant(ids, tenant)`` / ``col.revoke(ids, tenant)``); ``col.drop_tenant``
+removes a tenant, deleting the rows only it held and leaving shared rows to the others.
+
+**Index.** One shared clustering (the collection's posting lists, built once for all
+tenants) and, per tenant, a short sorted list of its rows and the count of its rows in
+each list (Curator keeps per-node tenant Bloom filters and short per-tenant lists; with a
+two-level tree the exact per-list counts serve as both). A tenant's search walks only the
+lists that hold its rows, nearest first, until they hold enough of them
+(:meth:`SpannIndex.probe_filtered`), and the code scan scores only its rows; a small
+tenant is searched exactly. The per-tenant structures come from one inverted index of the
+hidden ``__tenants`` tag column (4 bytes a membership); they are built on a tenant's
+first query, kept in an LRU, and :meth:`Tenancy.offload_tenants` drops the cold ones
+(they come back on their next query).
+
+**Durability.** Memberships are a hidden tag attribute of each row, so every change goes
+through the write-ahead log like any upsert (a grant rewrites the row with its vector and
+attributes) and survives a crash or a reopen.
+
+**Isolation.** A handle's searches AND the tenant's row set with the caller's filter (which
+is parsed against the user schema, so it cannot even name the hidden column); there is no
+code path from a handle to rows outside its tenant. Ids are global to the collection: a
+tenant adding an id held only by others gets :class:`AlreadyExists` (the id is taken);
+replacing a row it shares with others is refused the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import AlreadyExists, InvalidArgument, InvalidType, NotFound
+from ..index.filters import parse_filter
+from ._filtered import TENANTS, _filter_key, _Matches
+from .results import SearchResult
+
+__all__ = ["TenantHandle", "Tenancy", "check_tenant_name"]
+
+_TENANT_CACHE = 4096  # tenants (with a filter) whose row sets stay in memory
+
+
+def check_tenant_name(name: object) -> str:
+    """A tenant name: a non-empty str of at most 256 characters, no control characters."""
+    if not isinstance(name, str):
+        raise InvalidType(f"a tenant name must be a str, got {type(name).__name__}")
+    if not name or len(name) > 256 or any(ord(c) < 32 for c in name):
+        raise InvalidArgument(f"a tenant name must be 1-256 printable characters, got {name!r:.80}")
+    return name
+
+
+class TenantHandle:
+    """One tenant's view of a collection; see the module docstring."""
+
+    def __init__(self, collection, name: str) -> None:
+        self._collection = collection
+        self.name = check_tenant_name(name)
+
+    def __repr__(self) -> str:
+        return f"<TenantHandle {self.name!r} of {self._collection.name!r}>"
+
+    def add(self, ids: object, vectors: object, attributes: Sequence[Mapping[str, Any]] | None = None) -> int:
+        """Insert or replace this tenant's ``vectors`` under ``ids`` (durable on return)."""
+        return self._collection._tenant_add(self.name, ids, vectors, attributes)
+
+    def search(self, x: object, k: int = 10, *, filter: Mapping | None = None, explain: bool = False,
+               **params: Any) -> SearchResult:
+        """As :meth:`Collection.search`, over this tenant's rows only (an unknown tenant finds nothing)."""
+        return self._collection._tenant_search(self.name, x, k, filter, explain, params)
+
+    def delete(self, ids: object) -> int:
+        """Remove this tenant's access to ``ids``; rows no other tenant holds are deleted. Returns how many."""
+        return self._collection._tenant_delete(self.name, ids)
+
+    def count(self) -> int:
+        """Live rows this tenant holds."""
+        return self._collection._tenant_count(self.name)
+
+
+class Tenancy:
+    """Tenant methods of :class:`~.collection.Collection` (uses its state and lock)."""
+
+    # ------------------------------------------------------------------ public
+    def tenant(self, name: str) -> TenantHandle:
+        """A handle bound to tenant ``name`` (which exists once it holds a row)."""
+        return TenantHandle(self, name)
+
+    def tenants(self) -> list[str]:
+        """Names of the tenants holding at least one live row, sorted."""
+        with self._lock:
+            self._check_open()
+            words, starts, rows = self._postings()
+            live = self.rows.live
+            return sorted(w for w, c in words.items() if live[rows[starts[c]:starts[c + 1]]].any())
+
+    def grant(self, ids: object, tenant: str) -> int:
+        """Let ``tenant`` see the existing vectors ``ids`` too; returns how many changed."""
+        tenant = check_tenant_name(tenant)
+        return self._change_holders(ids, lambda holders: holders | {tenant})
+
+    def revoke(self, ids: object, tenant: str) -> int:
+        """Take ``ids`` away from ``tenant`` (the vectors stay for their other holders)."""
+        tenant = check_tenant_name(tenant)
+        with self._lock:
+            self._require_tenant(tenant)
+        return self._change_holders(ids, lambda holders: holders - {tenant})
+
+    def drop_tenant(self, name: str) -> int:
+        """Remove tenant ``name``: rows only it held are deleted, shared rows lose it. Returns its rows."""
+        name = check_tenant_name(name)
+        with self._lock:
+            self._check_open()
+            rows = self._require_tenant(name)
+            ids = self.rows.ids_full[rows]
+        return self._tenant_delete(name, ids)
+
+    def tenant_stats(self) -> dict[str, Any]:
+        """Tenants, memberships and the memory of the tenant index (inverted index + cached row sets)."""
+        with self._lock:
+            self._check_open()
+            words, starts, rows = self._postings()
+            cached = sum(m.nbytes for m in self._tenant_cache.values())
+            inverted = rows.nbytes + starts.nbytes + sum(len(w) + 60 for w in words)
+            column = self._attribute_columns().column_nbytes(TENANTS)
+            live = int(np.count_nonzero(self.rows.live[rows])) if rows.size else 0
+            return {"tenants": len(self.tenants()), "memberships": live, "cached_tenants": len(self._tenant_cache),
+                    "tenant_index_bytes": inverted + cached + column, "inverted_bytes": inverted,
+                    "cached_bytes": cached, "column_bytes": column}
+
+    def offload_tenants(self, keep: int = 0) -> int:
+        """Drop the row sets of all but the ``keep`` most recently searched tenants; returns how many went."""
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise InvalidArgument(f"keep must be an int >= 0, got {keep!r}")
+        with self._lock:
+            dropped = max(0, len(self._tenant_cache) - keep)
+            for _ in range(dropped):
+                self._tenant_cache.popitem(last=False)
+            return dropped
+
+    # ------------------------------------------------------------------ internals
+    def _postings(self):
+        self._fresh_caches()
+        if self._tenant_postings is None:
+            self._tenant_postings = self._attribute_columns().postings(TENANTS)
+        return self._tenant_postings
+
+    def _tenant_rows(self, name: str) -> np.ndarray:
+        """Live rows ``name`` holds, sorted (empty for an unknown tenant)."""
+        words, starts, rows = self._postings()
+        code = words.get(name)
+        if code is None:
+            return np.zeros(0, np.int64)
+        held = rows[starts[code]:starts[code + 1]].astype(np.int64)
+        return held[self.rows.live[held]]
+
+    def _require_tenant(self, name: str) -> np.ndarray:
+        self._check_open()
+        rows = self._tenant_rows(name)
+        if not rows.size:
+            raise NotFound(f"tenant {name!r} holds no vectors in collection {self.name!r}")
+        return rows
+
+    def _tenant_matches(self, name: str, filter_spec: Any) -> _Matches:
+        key = (name, _filter_key(filter_spec) if filter_spec is not None else None)
+        self._fresh_caches()
+        found = self._tenant_cache.get(key) if key[1] is not None or filter_spec is None else None
+        if found is not None:
+            self._tenant_cache.move_to_end(key)
+            return found
+        predicate = parse_filter(filter_spec if filter_spec is not None else {}, self.settings["attributes"])
+        rows = self._tenant_rows(name)
+        if filter_spec is not None and rows.size:
+            rows = rows[predicate.evaluate(self._attribute_columns(), rows)]
+        found = _Matches(predicate, rows, self._indexed_rows)
+        if key[1] is not None or filter_spec is None:
+            self._tenant_cache[key] = found
+            while len(self._tenant_cache) > _TENANT_CACHE:
+                self._tenant_cache.popitem(last=False)
+        return found
+
+    def _tenant_search(self, name, x, k, filter_spec, explain, params) -> SearchResult:
+        name = check_tenant_name(name)
+        xq, k, sp = self._search_args(x, k, params)
+        with self._lock:
+            self._check_open()
+            result = self._search_matches(xq, k, sp, self._tenant_matches(name, filter_spec), explain)
+            result.stats["tenant"] = name
+            return result
+
+    def _tenant_count(self, name: str) -> int:
+        name = check_tenant_name(name)
+        with self._lock:
+            self._check_open()
+            return int(self._tenant_rows(name).size)
+
+    def _holders_of(self, rows: np.ndarray) -> list[set[str]]:
+        return self._attribute_columns().tags_of(TENANTS, rows)
+
+    def _tenant_add(self, name, ids, vectors, attributes) -> int:
+        name = check_tenant_name(name)
+        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+            ids = [ids]
+        ids_arr = np.atleast_1d(np.asarray(ids))
+        with self._lock:
+            self._check_open()
+            if attributes is not None and (not isinstance(attributes, Sequence) or isinstance(attributes, (str, bytes))):
+                raise InvalidType(f"attributes must be a list of dicts (one per id) or None, "
+                                  f"got {type(attributes).__name__}")
+            if ids_arr.dtype.kind in "iu" and ids_arr.size:
+                rows = self.rows.lookup(ids_arr.astype(np.int64))
+                existing = rows >= 0
+                if existing.any():
+                    for i, holders in zip(np.flatnonzero(existing).tolist(), self._holders_of(rows[existing])):
+                        if holders != {name}:
+                            raise AlreadyExists(f"id {int(ids_arr[i])} is already used in collection {self.name!r}; "
+                                                "ids are global to the collection: choose another id")
+            given = list(attributes) if attributes is not None else [None] * ids_arr.size
+            tagged = [_with_holders(a, {name}) for a in given]
+            return self._upsert(ids, vectors, tagged, internal=True)
+
+    def _tenant_delete(self, name, ids) -> int:
+        name = check_tenant_name(name)
+        with self._lock:
+            self._check_open()
+            ids_arr = _id_array(ids)
+            rows = self.rows.lookup(ids_arr)
+            mine = set(self._tenant_rows(name).tolist())
+            keep = np.array([r >= 0 and int(r) in mine for r in rows.tolist()], bool)
+            ids_arr, rows = ids_arr[keep], rows[keep]
+            if not rows.size:
+                return 0
+            holders = self._holders_of(rows)
+            alone = np.array([h == {name} for h in holders], bool)
+            if alone.any():
+                self.delete(ids_arr[alone])
+            shared = ids_arr[~alone]
+        if shared.size:
+            self._change_holders(shared, lambda held: held - {name})
+        return int(rows.size)
+
+    def _change_holders(self, ids: object, change) -> int:
+        """Rewrite rows ``ids`` with their holders changed by ``change`` (through the WAL)."""
+        with self._lock:
+            self._check_open()
+            ids_arr = _id_array(ids)
+            rows = self.rows.lookup(ids_arr)
+            if (rows < 0).any():
+                raise NotFound(f"id {int(ids_arr[rows < 0][0])} is not in collection {self.name!r}")
+            holders = self._holders_of(rows)
+            changed = [i for i, h in enumerate(holders) if change(h) != h]
+            if not changed:
+                return 0
+            picked = rows[changed]
+            vectors = self._row_vectors(picked)
+            attributes = [_with_holders(a, change(holders[i]))
+                          for i, a in zip(changed, self._row_attributes(picked))]
+            self._upsert(ids_arr[changed], vectors, attributes, internal=True)
+            return len(changed)
+
+    def _row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        stored = rows < self.vectors.rows
+        out = np.empty((rows.size, self.dim), np.float32)
+        if stored.any():
+            out[stored] = self.vectors.read_rows(rows[stored])
+        if (~stored).any():
+            delta = np.concatenate(self._delta_x)
+            out[~stored] = delta[rows[~stored] - self.vectors.rows]
+        return out
+
+    def _row_attributes(self, rows: np.ndarray) -> list:
+        stored = rows < self.vectors.rows
+        out: list = [None] * rows.size
+        if stored.any():
+            for i, a in zip(np.flatnonzero(stored).tolist(), self.vectors.attributes_of(rows[stored])):
+                out[i] = a
+        for i in np.flatnonzero(~stored).tolist():
+            out[i] = self._delta_attrs[int(rows[i]) - self.vectors.rows]
+        return out
+
+
+def _with_holders(attributes: Mapping | None, holders: set[str]) -> dict:
+    out = {} if attributes is None else {k: v for k, v in attributes.items() if k != TENANTS}
+    if holders:
+        out[TENANTS] = sorted(holders)
+    return out
+
+
+def _id_array(ids: object) -> np.ndarray:
+    """Distinct integer ids (a repeated id is one change)."""
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+        ids = [ids]
+    arr = np.atleast_1d(np.asarray(ids))
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise InvalidType(f"ids must be a 1-D sequence of integers, got {arr.dtype} of shape {arr.shape}")
+    return np.unique(arr.astype(np.int64))
