@@ -50,8 +50,9 @@ def test_sharing_revoking_deleting_and_dropping(setup):
     assert small.count() == 102 and big.count() == 2_000
     assert 5 not in small.search(x[5], k=5).ids
     assert col.revoke([6], "small") == 1 and small.count() == 101
-    assert big.delete([0, 1]) == 2 and big.count() == 1_998 and col.count() == 2_998  # big's own rows go
-    assert col.drop_tenant("small") == 101
+    assert col.revoke([2_001], "small") == 1 and small.count() == 100 and col.count() == 2_999  # its last holder
+    assert big.delete([0, 1]) == 2 and big.count() == 1_998 and col.count() == 2_997  # big's own rows go
+    assert col.drop_tenant("small") == 100
     assert col.tenants() == ["big"] and big.count() == 1_998  # 7 stayed with big
     assert col.tenant("small").search(x[:2], k=3).ids.tolist() == [[-1] * 3] * 2  # unknown: empty
     with pytest.raises(NotFound):
@@ -105,3 +106,5 @@ def test_bad_tenant_names(setup):
             col.tenant(name)
     with pytest.raises(InvalidArgument):
         col.offload_tenants(keep=-1)
+    with pytest.raises(InvalidArgument, match="tenant"):
+        tierstore.Database.create_collection(col.db, "bad", dim=4, attributes={"__tenants": "keywords"})

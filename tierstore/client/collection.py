@@ -72,6 +72,8 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
         for name, kind in attributes.items():
             if not isinstance(name, str) or not name or name.startswith("$"):
                 raise InvalidArgument(f"attribute name {name!r} must be a non-empty str not starting with '$'")
+            if name == TENANTS:
+                raise InvalidArgument(f"attribute name {name!r} is kept for tenant memberships; choose another")
             if kind not in ATTRIBUTE_TYPES:
                 raise InvalidArgument(f"attribute {name!r} has type {kind!r}; use one of {ATTRIBUTE_TYPES}")
             schema[name] = kind

@@ -103,11 +103,20 @@ class Tenancy:
         return self._change_holders(ids, lambda holders: holders | {tenant})
 
     def revoke(self, ids: object, tenant: str) -> int:
-        """Take ``ids`` away from ``tenant`` (the vectors stay for their other holders)."""
+        """Take ``ids`` away from ``tenant``: they stay for their other holders, and rows left with
+        no holder are deleted (as :meth:`TenantHandle.delete` does). Returns how many changed."""
         tenant = check_tenant_name(tenant)
         with self._lock:
             self._require_tenant(tenant)
-        return self._change_holders(ids, lambda holders: holders - {tenant})
+            ids_arr = _id_array(ids)
+            rows = self.rows.lookup(ids_arr)
+            if (rows < 0).any():
+                raise NotFound(f"id {int(ids_arr[rows < 0][0])} is not in collection {self.name!r}")
+            holders = self._holders_of(rows)
+            alone = np.array([h == {tenant} for h in holders], bool)
+            if alone.any():
+                self.delete(ids_arr[alone])
+        return int(alone.sum()) + self._change_holders(ids_arr[~alone], lambda held: held - {tenant})
 
     def drop_tenant(self, name: str) -> int:
         """Remove tenant ``name``: rows only it held are deleted, shared rows lose it. Returns its rows."""
@@ -247,6 +256,8 @@ class Tenancy:
         with self._lock:
             self._check_open()
             ids_arr = _id_array(ids)
+            if not ids_arr.size:
+                return 0
             rows = self.rows.lookup(ids_arr)
             if (rows < 0).any():
                 raise NotFound(f"id {int(ids_arr[rows < 0][0])} is not in collection {self.name!r}")

@@ -290,11 +290,14 @@ class SpannIndex(ListUpdates):
         I/O). Each query takes its lists in centroid order, skips lists without a match,
         and stops at the first prefix whose matches reach ``target`` (and never before
         ``nprobe`` lists): one pass, yet at least ``min(target, all matches)`` candidates
-        (SQUASH's guarantee). The coarse search looks at ``nprobe`` lists, then 8 times
-        more, then every active list, until the lists seen hold enough.
+        (SQUASH's guarantee). The coarse search looks at ``nprobe`` lists (8 times more
+        when the matches are too sparse for that on average), widening 8-fold up to every
+        active list until the lists seen hold enough.
         """
         active = self.active_lists.size
         width = min(active, nprobe)
+        if matches.sum() * nprobe < target * active:  # too few matches near any query on average
+            width = min(active, 8 * nprobe)
         while True:
             coarse, lists = coarse_search(self._slot_coarse, xq, width)
             counts = matches[lists]  # every slot returned is active (width <= active lists)
@@ -302,7 +305,7 @@ class SpannIndex(ListUpdates):
             if width == active or cum[:, -1].min() >= target:
                 break
             width = min(active, 8 * width)
-        if width == nprobe:  # the usual broad filter: the nprobe nearest lists suffice
+        if width == min(active, nprobe):  # the usual broad filter: the nprobe nearest lists suffice
             return coarse, np.where(counts > 0, lists, -1)
         need = np.maximum(np.minimum((cum < target).sum(axis=1) + 1, width), min(nprobe, width))
         keep = (np.arange(width)[None, :] < need[:, None]) & (counts > 0)
