@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 from ..index.filters import AttributeColumns, parse_filter
-from ..index.rerank import merge_topk, rerank
+from ..index.rerank import exact_rows, merge_topk, rerank
 from ..index.selection import RowSelection
 from .results import SearchResult
 
@@ -49,8 +49,9 @@ _MASK_CACHE = 32  # filters whose match masks are kept (a tenant or section filt
 class _Matches:
     """The live rows a search may return (a filter's, a tenant's, or both), and what the plans derive from them."""
 
-    def __init__(self, predicate, rows: np.ndarray, indexed: int) -> None:
+    def __init__(self, predicate, rows: np.ndarray, indexed: int, live_total: int) -> None:
         self.predicate = predicate
+        self.selectivity = rows.size / max(live_total, 1)
         self.rows = rows                      # sorted row numbers
         self.count = int(rows.size)
         split = int(np.searchsorted(rows, indexed))
@@ -117,7 +118,7 @@ class FilteredSearch:
         if found is None:
             predicate = parse_filter(filter_spec, self.settings["attributes"])
             mask = predicate.evaluate(self._attribute_columns()) & self.rows.live
-            found = _Matches(predicate, np.flatnonzero(mask), self._indexed_rows)
+            found = _Matches(predicate, np.flatnonzero(mask), self._indexed_rows, self.rows.count())
             if key is not None:
                 self._match_cache[key] = found
                 while len(self._match_cache) > _MASK_CACHE:
@@ -135,13 +136,16 @@ class FilteredSearch:
         candidates = k * max(sp.rerank, MIN_RERANK)
         exact_limit = max(EXACT_MIN, 8 * candidates)
         indexed = self._indexed_rows
-        stats: dict[str, Any] = {"matches": matches, "selectivity": matches / max(self.rows.count(), 1)}
+        stats: dict[str, Any] = {"matches": matches, "selectivity": found.selectivity}
         parts = []
         stats["plan"] = "exact"
         if found.in_index.size:
             if self.index is None or matches <= exact_limit:
-                rows = found.in_index
-                parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
+                rows, vectors = found.in_index, self.vectors.resident
+                if vectors is not None:
+                    parts.append(exact_rows(xq, rows, k, metric=self._index_metric, vectors=vectors))
+                else:
+                    parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
             else:
                 stats["plan"] = "filtered_ivf"
                 if found.per_list is None:

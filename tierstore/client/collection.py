@@ -190,12 +190,16 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
 
     # ------------------------------------------------------------------ inputs
     def _prepare_vectors(self, vectors: object, count: int | None) -> np.ndarray:
-        if (type(vectors) is np.ndarray and vectors.dtype == np.float32 and vectors.shape == (self.dim,)
-                and self.metric != "cosine"):
+        if type(vectors) is np.ndarray and vectors.dtype == np.float32 and vectors.shape == (self.dim,):
             # The single-query fast path (a few us matter at 10k queries a second).
             if not np.isfinite(vectors).all():
                 raise InvalidArgument("the query contains NaN or infinity")
-            return np.ascontiguousarray(vectors[None, :])
+            if self.metric != "cosine":
+                return np.ascontiguousarray(vectors[None, :])
+            norm = float(np.sqrt(vectors.dot(vectors)))
+            if not norm > 0 or not np.isfinite(norm):
+                raise InvalidArgument("the query is the zero vector (or overflows), which has no cosine similarity")
+            return (vectors / norm)[None, :]
         arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
             raise InvalidType(f"vectors must be numeric, got dtype {arr.dtype}")

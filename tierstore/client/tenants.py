@@ -184,7 +184,7 @@ class Tenancy:
         rows = self._tenant_rows(name)
         if filter_spec is not None and rows.size:
             rows = rows[predicate.evaluate(self._attribute_columns(), rows)]
-        found = _Matches(predicate, rows, self._indexed_rows)
+        found = _Matches(predicate, rows, self._indexed_rows, self.rows.count())
         if key[1] is not None or filter_spec is None:
             self._tenant_cache[key] = found
             while len(self._tenant_cache) > _TENANT_CACHE:

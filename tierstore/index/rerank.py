@@ -90,6 +90,29 @@ def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray | None,
     return distances, found
 
 
+def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
+               vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` among the same sorted, distinct, live ``rows`` for every query (resident vectors).
+
+    The lean form of :func:`rerank` for a filter's or a tenant's few rows: no sort, no
+    duplicate or tombstone check, one faiss ``knn_*_by_idx`` call.
+    """
+    nq, width = xq.shape[0], rows.size
+    kk = min(k, width)
+    idx = np.ascontiguousarray(np.broadcast_to(rows.astype(np.int64, copy=False), (nq, width)))
+    distances = np.empty((nq, kk), dtype=np.float32)
+    found = np.empty((nq, kk), dtype=np.int64)
+    kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
+    kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(idx), xq.shape[1], nq, vectors.shape[0],
+           width, kk, faiss.swig_ptr(distances), faiss.swig_ptr(found), width)
+    if metric != "l2":
+        np.negative(distances, out=distances)
+    if kk < k:
+        distances = np.pad(distances, ((0, 0), (0, k - kk)), constant_values=np.inf)
+        found = np.pad(found, ((0, 0), (0, k - kk)), constant_values=-1)
+    return distances, found
+
+
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge ``(distances, rows)`` results of the same queries into one top-``k`` (exactly ``k`` wide)."""
     if len(parts) == 1 and parts[0][0].shape[1] == k:
