@@ -598,45 +598,44 @@ class MatchAll(Filter):
 
 
 @dataclass(frozen=True)
-class And(Filter):
-    """Every child matches."""
+class _Combination(Filter):
+    """Children joined by one boolean operator (``_join`` in place on the masks)."""
 
     children: tuple[Filter, ...]
+    _word: ClassVar[str] = ""
+    _join: ClassVar[Any] = None
 
     def _mask(self, columns: AttributeColumns, rows: np.ndarray | None) -> np.ndarray:
         mask = self.children[0]._mask(columns, rows)
         for child in self.children[1:]:
-            mask &= child._mask(columns, rows)
+            type(self)._join(mask, child._mask(columns, rows), out=mask)
         return mask
 
     def attributes(self) -> frozenset[str]:
         return frozenset().union(*(child.attributes() for child in self.children))
 
     def describe(self) -> str:
-        return " AND ".join(_nested(child) for child in self.children)
+        return f" {self._word} ".join(_nested(child) for child in self.children)
 
 
 @dataclass(frozen=True)
-class Or(Filter):
+class And(_Combination):
+    """Every child matches."""
+
+    _word: ClassVar[str] = "AND"
+    _join: ClassVar[Any] = np.logical_and
+
+
+@dataclass(frozen=True)
+class Or(_Combination):
     """At least one child matches."""
 
-    children: tuple[Filter, ...]
-
-    def _mask(self, columns: AttributeColumns, rows: np.ndarray | None) -> np.ndarray:
-        mask = self.children[0]._mask(columns, rows)
-        for child in self.children[1:]:
-            mask |= child._mask(columns, rows)
-        return mask
-
-    def attributes(self) -> frozenset[str]:
-        return frozenset().union(*(child.attributes() for child in self.children))
-
-    def describe(self) -> str:
-        return " OR ".join(_nested(child) for child in self.children)
+    _word: ClassVar[str] = "OR"
+    _join: ClassVar[Any] = np.logical_or
 
 
 def _nested(child: Filter) -> str:
-    return f"({child.describe()})" if isinstance(child, (And, Or)) else child.describe()
+    return f"({child.describe()})" if isinstance(child, _Combination) else child.describe()
 
 
 _NEGATED = {"$ne": "$eq", "$nin": "$in"}
