@@ -134,7 +134,8 @@ def load_llama(directory: str | os.PathLike, *, dtype: Any = None, device: Any =
     """Load a Llama-architecture checkpoint (``config.json`` + ``*.safetensors``) offline.
 
     Tied ``lm_head`` weights may be absent from the shards (they are tied after loading).
-    Returns the model in eval mode, in ``dtype`` (default: as stored) on ``device``.
+    Returns the model in eval mode, in ``dtype`` (default: as stored) on ``device``; its
+    ``name_or_path`` is the directory's name (the model id a KV-cache store keys by).
     """
     transformers = _transformers()
     from safetensors.torch import load_file
@@ -158,6 +159,7 @@ def load_llama(directory: str | os.PathLike, *, dtype: Any = None, device: Any =
         raise ConfigError(f"checkpoint {directory!r} does not match its config: missing {missing[:5]}, "
                           f"unexpected {list(result.unexpected_keys)[:5]}")
     model.tie_weights()
+    model.config._name_or_path = os.path.basename(os.path.normpath(directory))  # its id in KV cache keys
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()
