@@ -13,14 +13,18 @@ from .errors import (AlreadyExists, CapacityError, CommitConflict, ConfigError, 
                      TierUnavailable, WriterConflict)
 
 __version__ = "0.1.0"
-__all__ = ["errors", "__version__", "connect", "Database", "Collection", "SearchResult", *errors.__all__]
+__all__ = ["errors", "__version__", "connect", "connect_async", "Client", "AsyncClient", "Database", "Collection",
+           "SearchResult", *errors.__all__]
 
 
 def __getattr__(name: str):
     # The client pulls in faiss; load it on first use so `import tierstore` stays light.
-    if name in ("connect", "Database"):
+    if name in ("connect", "Database", "Client"):
         from .client import database
         return getattr(database, name)
+    if name in ("connect_async", "AsyncClient"):
+        from .client import aio
+        return getattr(aio, name)
     if name == "Collection":
         from .client.collection import Collection
         return Collection

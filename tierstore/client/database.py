@@ -30,7 +30,7 @@ from .collection import Collection, check_settings
 if TYPE_CHECKING:
     from ..store.kvcache.store import KVCacheStore
 
-__all__ = ["Database", "connect"]
+__all__ = ["Database", "Client", "connect"]
 
 
 def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map_size: int) -> tuple[BaseTier, int]:
@@ -211,6 +211,9 @@ class Database:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+Client = Database  # the name the client API uses; one class
 
 
 def connect(uri: str | os.PathLike, **options: Any) -> Database:
