@@ -175,3 +175,23 @@ def test_committed_columns_follow_a_rebuild(tmp_path):
         assert col._columns_source is not None  # read from the committed blob, not the chunks' JSON
         again = col.search(x[:5], k=5, filter=spec)
         assert (again.ids == first.ids).all() and ok[again.ids[again.ids >= 0]].all()
+
+
+def test_get_rows_by_id_and_unfiltered_extra_fields(tmp_path):
+    x, attrs = make_rows(300, seed=5)
+    with tierstore.connect(tmp_path) as db:
+        col = db.create_collection("c", dim=24, attributes=SCHEMA)
+        extra = [dict(a, _text=f"row {i}") for i, a in enumerate(attrs)]  # '_' names: stored, not filtered
+        col.add(np.arange(300), x, extra)
+        col.flush()
+        col.add([1_000], x[:1], [{"lang": "de", "_text": "fresh"}])  # unflushed
+        col.tenant("t").add([2_000], x[1:2], [{"_text": "tenant row"}])
+        got = col.get([5, 1_000, 77_777, 2_000])
+        assert got[0]["attributes"]["_text"] == "row 5" and np.allclose(got[0]["vector"], x[5])
+        assert got[1]["attributes"] == {"lang": "de", "_text": "fresh"}
+        assert got[2] is None
+        assert got[3]["attributes"] == {"_text": "tenant row"}  # memberships stay hidden
+        with pytest.raises(FilterError, match="_text"):
+            col.search(x[0], k=3, filter={"_text": "row 5"})
+        with pytest.raises(tierstore.errors.InvalidArgument, match="schema"):
+            col.add([3_000], x[:1], [{"colour": "red"}])

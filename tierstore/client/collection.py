@@ -42,6 +42,7 @@ from ..index.rerank import merge_topk, rerank, top_unique
 from ..index.spann import SpannIndex
 from ..index.vectors import VectorStore
 from ..store.blob import decode_blob
+from ..store._json import thaw_json
 from ..store.manifest import ManifestLog
 from ..store.wal import WriteAheadLog
 from ..store.wal_records import DeleteRecord, UpsertRecord
@@ -252,9 +253,9 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
                 if name == TENANTS and not internal:
                     raise InvalidArgument(f"attributes[{i}] has {name!r}, a name tierstore keeps for tenants; "
                                           "use col.tenant(name).add(...) or col.grant(...)")
-                if schema and name not in schema and name != TENANTS:
+                if schema and name not in schema and not name.startswith("_"):
                     raise InvalidArgument(f"attributes[{i}] has {name!r}, which is not in the collection's schema "
-                                          f"{sorted(schema)}")
+                                          f"{sorted(schema)} (names starting with '_' are stored unfiltered)")
         # value types, before anything is written (the filter columns need them right)
         AttributeColumns.build(self._column_schema, attributes)
 
@@ -267,6 +268,32 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._delta_attrs.extend(attributes)
         self._columns_append(attributes)
         self._flat.add(record.vectors)
+
+    def get(self, ids: object, *, include_vectors: bool = True) -> list[dict[str, Any] | None]:
+        """The stored rows of ``ids``: ``{"id", "vector", "attributes"}`` each, ``None`` where absent.
+
+        ``vector`` is as stored (normalised for cosine); ``attributes`` the dict given at
+        ``add`` (without tierstore's hidden tenant memberships), or ``None``.
+        """
+        with self._lock:
+            self._check_open()
+            if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+                ids = [ids]
+            wanted = np.atleast_1d(np.asarray(ids))
+            if wanted.dtype.kind not in "iu" or wanted.ndim != 1:
+                raise InvalidType(f"ids must be a 1-D sequence of integers, got {wanted.dtype} of shape {wanted.shape}")
+            rows = self.rows.lookup(wanted.astype(np.int64))
+            found = rows >= 0
+            out: list[dict[str, Any] | None] = [None] * wanted.size
+            if not found.any():
+                return out
+            present = rows[found]
+            vectors = self._row_vectors(present) if include_vectors else [None] * present.size
+            attributes = self._row_attributes(present)
+            for slot, vector, attrs in zip(np.flatnonzero(found).tolist(), vectors, attributes):
+                plain = None if attrs is None else {k: v for k, v in thaw_json(attrs).items() if k != TENANTS}
+                out[slot] = {"id": int(wanted[slot]), "vector": vector, "attributes": plain or None}
+            return out
 
     def delete(self, ids: object) -> int:
         """Delete ``ids`` (absent ones are ignored); durable on return. Returns how many existed."""
