@@ -4,9 +4,14 @@ Rows (the index's internal numbering: row ``r`` is the ``r``-th vector ever adde
 written in *chunks*, framed blobs under ``"{prefix}/vec/{chunk:08d}"`` holding rows
 ``first_row .. first_row + count - 1``. A chunk has a ``records`` section where each row
 is its float32 vector followed by the xxh3_64 of those bytes, so a reader can fetch any
-one row by range and still detect damage; and an optional ``attributes`` section (a
-JSON list, one object or null per row). Chunks are written once and never rewritten;
-rows of deleted vectors stay until a rebuild compacts them.
+one row by range and still detect damage; and, when rows have attributes, an
+``attr_rows`` section (each row's attributes as compact JSON, ``null`` when none, joined
+by commas: the section inside brackets is the JSON list of all rows), ``attr_offsets``
+(int64, rows + 1: row ``i`` is bytes ``[off[i], off[i + 1] - 1)``) and ``attr_sums``
+(xxh3_64 of each row's JSON), so :meth:`VectorStore.attributes_of` reads and checks only
+the rows asked for, by range. (Chunks written before that hold one ``attributes`` JSON
+list, still read.) Chunks are written once and never rewritten; rows of deleted vectors
+stay until a rebuild compacts them.
 
 Rerank reads go through :meth:`VectorStore.read_rows`: the candidate rows of a query
 (or a batch) become ranged reads, adjacent rows merged, issued in one
@@ -16,6 +21,7 @@ was :meth:`~VectorStore.load_all`-ed answers from memory instead.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -23,7 +29,7 @@ from xxhash import xxh3_64_intdigest
 
 from ..errors import CorruptData
 from ..store._json import dumps_json
-from ..store.blob import decode_blob, encode_blob, read_header
+from ..store.blob import decode_blob, encode_blob, fetch_header, fetch_section, read_header
 
 __all__ = ["VectorStore"]
 
@@ -46,6 +52,7 @@ class VectorStore:
         self.offset = np.asarray(state["offset"], dtype=np.int64)
         self.resident: np.ndarray | None = None
         self.reads = 0  # ranged reads issued by read_rows (rerank), for statistics
+        self._attr_index: dict[int, tuple | None] = {}
 
     # ----------------------------------------------------------------- persistence
     def state(self) -> dict:
@@ -70,8 +77,7 @@ class VectorStore:
             records[:, self.dim * 4:] = sums.astype("<u8").view(np.uint8).reshape(-1, _CHECK)
             sections = {"records": records}
             if attributes is not None:
-                # frozen WAL attributes (read-only mappings) and plain dicts alike
-                sections["attributes"] = dumps_json(list(attributes[a:a + chunk_rows]))
+                sections.update(_attribute_sections(attributes[a:a + chunk_rows]))
             number = len(self.keys) + len(items)
             key = f"{self.prefix}/vec/{number:08d}"
             blob = encode_blob({"kind": "vector-chunk", "format": 1, "first_row": first + a,
@@ -110,25 +116,66 @@ class VectorStore:
             if value is None:
                 raise CorruptData(f"vector chunk {key!r} is missing; the collection is damaged")
             blob = decode_blob(value, source=key)
-            if "attributes" in blob.sections:
+            if "attr_rows" in blob.sections:
+                out.extend(json.loads(b"[" + bytes(blob.section("attr_rows")) + b"]"))
+            elif "attributes" in blob.sections:
                 out.extend(json.loads(bytes(blob.section("attributes"))))
             else:
                 out.extend([None] * count)
         return out
 
+    def _attribute_index(self, chunk: int):
+        """``(attr_rows start, offsets, sums)`` of a chunk, ``None`` when it has no per-row
+        attributes (legacy or none); read by range once, then kept (16 bytes a row)."""
+        found = self._attr_index.get(chunk)
+        if found is None and chunk not in self._attr_index:
+            key = self.keys[chunk]
+            info = fetch_header(functools.partial(self.tier.get_range, key), source=key)
+            if "attr_offsets" in info.sections:
+                offsets_raw = fetch_section(functools.partial(self.tier.get_range, key), info, "attr_offsets",
+                                            source=key)
+                sums_raw = fetch_section(functools.partial(self.tier.get_range, key), info, "attr_sums", source=key)
+                found = (info.section("attr_rows").offset, np.frombuffer(offsets_raw, "<i8").copy(),
+                         np.frombuffer(sums_raw, "<u8").copy())
+            self._attr_index[chunk] = found
+        return found
+
     def attributes_of(self, rows: np.ndarray) -> list:
-        """The attributes of ``rows`` (sorted or not), reading only the chunks that hold them."""
+        """The attributes of ``rows`` (any order), reading and checking only those rows' JSON by range."""
         rows = np.asarray(rows, dtype=np.int64)
         chunk = np.searchsorted(self.first_row, rows, side="right") - 1
-        wanted = np.unique(chunk)
+        out: list = [None] * rows.size
+        requests, slots = [], []
+        for i, (row, c) in enumerate(zip(rows.tolist(), chunk.tolist())):
+            index = self._attribute_index(c)
+            if index is None:
+                continue
+            start, offsets, _ = index
+            local = row - int(self.first_row[c])
+            requests.append((self.keys[c], start + int(offsets[local]), start + int(offsets[local + 1]) - 1))
+            slots.append((i, c, local))
+        for (i, c, local), data in zip(slots, self.tier.get_ranges(requests) if requests else []):
+            if xxh3_64_intdigest(data) != int(self._attr_index[c][2][local]):
+                raise CorruptData(f"vector chunk {self.keys[c]!r}: the attributes of row {local} fail their "
+                                  "checksum; the collection is damaged")
+            out[i] = json.loads(data)
+        legacy = [i for i, c in enumerate(chunk.tolist()) if self._attr_index.get(c) is None]
+        if legacy:
+            every = self._legacy_attributes(sorted({int(chunk[i]) for i in legacy}))
+            for i in legacy:
+                out[i] = every[int(chunk[i])][int(rows[i] - self.first_row[chunk[i]])]
+        return out
+
+    def _legacy_attributes(self, chunks: list[int]) -> dict[int, list]:
+        """Whole-chunk attribute lists of chunks without per-row attributes (or without any)."""
         parsed: dict[int, list] = {}
-        for c, value in zip(wanted.tolist(), self.tier.get_many([self.keys[c] for c in wanted.tolist()])):
+        for c, value in zip(chunks, self.tier.get_many([self.keys[c] for c in chunks])):
             if value is None:
                 raise CorruptData(f"vector chunk {self.keys[c]!r} is missing; the collection is damaged")
             blob = decode_blob(value, source=self.keys[c])
             parsed[c] = (json.loads(bytes(blob.section("attributes"))) if "attributes" in blob.sections
                          else [None] * int(self.count[c]))
-        return [parsed[c][r - int(self.first_row[c])] for r, c in zip(rows.tolist(), chunk.tolist())]
+        return parsed
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of ``rows`` (any order, repeats allowed) as ``(len(rows), dim)`` float32."""
@@ -168,3 +215,13 @@ class VectorStore:
 
     def resident_bytes(self) -> int:
         return 0 if self.resident is None else int(self.resident.nbytes)
+
+
+def _attribute_sections(attributes) -> dict[str, object]:
+    """The per-row attribute sections of one chunk (see the module docstring)."""
+    # frozen WAL attributes (read-only mappings) and plain dicts alike
+    encoded = [dumps_json(a) for a in attributes]
+    offsets = np.zeros(len(encoded) + 1, dtype="<i8")
+    np.cumsum([len(e) + 1 for e in encoded], out=offsets[1:])
+    sums = np.fromiter((xxh3_64_intdigest(e) for e in encoded), dtype="<u8", count=len(encoded))
+    return {"attr_rows": b",".join(encoded), "attr_offsets": offsets, "attr_sums": sums}
