@@ -195,3 +195,27 @@ def test_get_rows_by_id_and_unfiltered_extra_fields(tmp_path):
             col.search(x[0], k=3, filter={"_text": "row 5"})
         with pytest.raises(tierstore.errors.InvalidArgument, match="schema"):
             col.add([3_000], x[:1], [{"colour": "red"}])
+
+
+def test_damaged_row_attributes_are_caught(tmp_path):
+    from tierstore.store.blob import read_header
+
+    x, attrs = make_rows(200, seed=6)
+    with tierstore.connect(tmp_path) as db:
+        col = db.create_collection("c", dim=24, attributes=SCHEMA)
+        col.add(np.arange(200), x, [dict(a, _text=f"row {i}") for i, a in enumerate(attrs)])
+        col.build_index()  # with an index, a tiered open leaves the vectors in the tier
+        key = col.vectors.keys[0]
+    with tierstore.connect(tmp_path) as db:
+        blob = bytearray(db.tier.get(key))
+        section = read_header(bytes(blob)).section("attr_rows")
+        where = bytes(blob).index(b"row 100", section.offset) + 4  # inside row 100's JSON (not a separator)
+        blob[where] = ord("7")
+        db.tier.put(key, bytes(blob))
+    with tierstore.connect(tmp_path) as db:  # a resident open checks every chunk whole
+        with pytest.raises(tierstore.errors.CorruptData):
+            db.collection("c")
+    with tierstore.connect(tmp_path, memory_cache=1 << 20) as db:  # tiered: rows read by range
+        col = db.collection("c")
+        with pytest.raises(tierstore.errors.CorruptData, match="attributes of row"):
+            col.get(np.arange(200))

@@ -74,7 +74,7 @@ class AsyncTenant(_Async):
 class AsyncCollection(_Async):
     """A collection with coroutine methods (see :class:`~tierstore.client.collection.Collection`)."""
 
-    _methods = ("add", "search", "delete", "count", "stats", "flush", "build_index", "grant", "revoke",
+    _methods = ("add", "search", "get", "delete", "count", "stats", "flush", "build_index", "grant", "revoke",
                 "drop_tenant", "tenants", "tenant_stats", "offload_tenants")
 
     def tenant(self, name: str) -> AsyncTenant:
