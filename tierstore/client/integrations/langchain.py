@@ -62,13 +62,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from ..._optional import require
 from ...errors import ConfigError, InvalidArgument, InvalidType, NotFound
 from .._names import check_name
-from ..collection import ATTRIBUTE_TYPES, METRICS, Collection
+from ..collection import METRICS, Collection
 from ..database import Database, connect
+from ._common import check_schema, fits, infer_schema, int_ids, no_options, string_id_to_int
 
 require("langchain_core", "langchain", "tierstore's LangChain integration")
 
@@ -80,68 +80,6 @@ from langchain_core.vectorstores.utils import maximal_marginal_relevance  # noqa
 __all__ = ["TierstoreVectorStore", "infer_schema", "string_id_to_int"]
 
 TEXT, ID, METADATA = "_lc_text", "_lc_id", "_lc_metadata"
-_ID_MASK = (1 << 63) - 1
-_INT64 = np.iinfo(np.int64)
-_CONFLICT = "conflict"  # a field the first batch gives two incompatible types
-
-
-def string_id_to_int(doc_id: str) -> int:
-    """The int64 row id of a LangChain id: the low 63 bits of xxh3-64 of its UTF-8 bytes."""
-    if not isinstance(doc_id, str):
-        raise InvalidType(f"document ids must be str, got {type(doc_id).__name__} {doc_id!r:.60}")
-    return xxhash.xxh3_64_intdigest(doc_id.encode("utf-8")) & _ID_MASK
-
-
-def _kind_of(value: object) -> str | None:
-    """The attribute type a metadata value suggests; None when it suggests none."""
-    if isinstance(value, (bool, np.bool_)):
-        return "bool"
-    if isinstance(value, (int, np.integer)):
-        return "int" if _INT64.min <= int(value) <= _INT64.max else None
-    if isinstance(value, (float, np.floating)):
-        return "float" if math.isfinite(value) else None
-    if isinstance(value, str):
-        return "keyword"
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return "keywords"
-    return None
-
-
-def _fits(kind: str, value: object) -> bool:
-    """Whether ``value`` can go into a column of type ``kind``."""
-    found = _kind_of(value)
-    return (found == kind or (kind == "float" and found == "int")
-            or (kind == "keywords" and isinstance(value, (list, tuple)) and not value))
-
-
-def infer_schema(metadatas: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """The filter schema that a first batch of metadata suggests (see the module docstring)."""
-    kinds: dict[str, str] = {}
-    for metadata in metadatas:
-        for name, value in metadata.items():
-            if not isinstance(name, str) or not name or name[0] in "_$":
-                continue
-            kind = _kind_of(value)
-            seen = kinds.get(name)
-            if kind is None or seen == kind or seen == _CONFLICT:
-                continue
-            if seen is None:
-                kinds[name] = kind
-            else:
-                kinds[name] = "float" if {seen, kind} == {"int", "float"} else _CONFLICT
-    return {name: kind for name, kind in kinds.items() if kind != _CONFLICT}
-
-
-def _check_schema(schema: Mapping[str, str]) -> dict[str, str]:
-    if not isinstance(schema, Mapping):
-        raise InvalidType(f"metadata_schema must be a dict of field -> type, got {type(schema).__name__}")
-    for name, kind in schema.items():
-        if not isinstance(name, str) or not name or name[0] in "_$":
-            raise InvalidArgument(f"metadata_schema field {name!r} must be a non-empty str not starting with "
-                                  "'_' or '$' ('_' names are stored unfiltered)")
-        if kind not in ATTRIBUTE_TYPES:
-            raise InvalidArgument(f"metadata_schema field {name!r} has type {kind!r}; use one of {ATTRIBUTE_TYPES}")
-    return dict(schema)
 
 
 def _prepare(texts: Iterable[str], metadatas: Sequence[Mapping[str, Any]] | None,
@@ -187,7 +125,7 @@ class TierstoreVectorStore(VectorStore):
         self._embedding = embedding
         self.collection_name = check_name(collection_name)
         self._metric = metric
-        self._declared = None if metadata_schema is None else _check_schema(metadata_schema)
+        self._declared = None if metadata_schema is None else check_schema(metadata_schema)
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._owns_db = database is None
@@ -258,7 +196,7 @@ class TierstoreVectorStore(VectorStore):
             row = {TEXT: texts[i], ID: ids[i], METADATA: metadatas[i]}
             for name, kind in schema.items():
                 value = metadatas[i].get(name)
-                if value is not None and (strict or _fits(kind, value)):
+                if value is not None and (strict or fits(kind, value)):
                     row[name] = value
             rows.append(row)
         col.add(np.array([string_id_to_int(ids[i]) for i in keep], dtype=np.int64), arr[keep], rows)
@@ -272,7 +210,7 @@ class TierstoreVectorStore(VectorStore):
     def add_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
                   ids: list[str | None] | None = None, batch_size: int | None = None, **kwargs: Any) -> list[str]:
         """Embed and upsert ``texts``; returns their ids (given, or new uuid4 strings)."""
-        _no_options(kwargs)
+        no_options(kwargs)
         texts, metadatas, ids = _prepare(texts, metadatas, ids)
         for part in self._batches(len(texts), batch_size):
             self._write(texts[part], metadatas[part], ids[part], self._embedding.embed_documents(texts[part]))
@@ -281,7 +219,7 @@ class TierstoreVectorStore(VectorStore):
     async def aadd_texts(self, texts: Iterable[str], metadatas: list[dict] | None = None, *,
                          ids: list[str | None] | None = None, batch_size: int | None = None,
                          **kwargs: Any) -> list[str]:
-        _no_options(kwargs)
+        no_options(kwargs)
         texts, metadatas, ids = _prepare(texts, metadatas, ids)
         for part in self._batches(len(texts), batch_size):
             vectors = await self._embedding.aembed_documents(texts[part])
@@ -290,7 +228,7 @@ class TierstoreVectorStore(VectorStore):
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
         """Delete documents by id (absent ids are ignored); ``ids=None`` deletes every document."""
-        _no_options(kwargs)
+        no_options(kwargs)
         with self._lock:
             col = self._collection
             if col is None:
@@ -299,9 +237,9 @@ class TierstoreVectorStore(VectorStore):
                 self._db.drop_collection(self.collection_name)
                 self._collection = None
                 return True
-        int_ids = _int_ids(ids)
-        if int_ids.size:
-            col.delete(int_ids)
+        wanted = int_ids(ids)
+        if wanted.size:
+            col.delete(wanted)
         return True
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
@@ -316,7 +254,7 @@ class TierstoreVectorStore(VectorStore):
         wanted = list(dict.fromkeys(ids))
         if col is None or not wanted:
             return []
-        rows = col.get(_int_ids(wanted), include_vectors=False)
+        rows = col.get(int_ids(wanted), include_vectors=False)
         return [_document(row) for doc_id, row in zip(wanted, rows)
                 if row is not None and (row["attributes"] or {}).get(ID) == doc_id]
 
@@ -449,14 +387,3 @@ def _cosine_relevance(distance: float) -> float:
 
 def _l2_relevance(distance: float) -> float:
     return 1.0 - math.sqrt(max(distance, 0.0)) / math.sqrt(2.0)  # the distance is squared L2
-
-
-def _int_ids(ids: Sequence[str]) -> np.ndarray:
-    if isinstance(ids, str):
-        raise InvalidType(f"ids must be a list of str, got the str {ids!r:.60}")
-    return np.array([string_id_to_int(doc_id) for doc_id in ids], dtype=np.int64)
-
-
-def _no_options(kwargs: Mapping[str, Any]) -> None:
-    if kwargs:
-        raise InvalidType(f"unexpected keyword argument(s) {sorted(kwargs)}")
