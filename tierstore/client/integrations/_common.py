@@ -23,7 +23,8 @@ import xxhash
 from ...errors import InvalidArgument, InvalidType
 from ..collection import ATTRIBUTE_TYPES
 
-__all__ = ["string_id_to_int", "int_ids", "infer_schema", "check_schema", "fits", "no_options"]
+__all__ = ["string_id_to_int", "int_ids", "infer_schema", "check_schema", "fits", "filterable_fields",
+           "no_options", "StoreLifecycle"]
 
 _ID_MASK = (1 << 63) - 1
 _INT64 = np.iinfo(np.int64)
@@ -98,6 +99,42 @@ def check_schema(schema: Mapping[str, str], reserved: Container[str] = ()) -> di
         if kind not in ATTRIBUTE_TYPES:
             raise InvalidArgument(f"metadata_schema field {name!r} has type {kind!r}; use one of {ATTRIBUTE_TYPES}")
     return dict(schema)
+
+
+def filterable_fields(metadata: Mapping[str, Any], schema: Mapping[str, str], strict: bool,
+                      skip: Container[str] = ()) -> dict[str, Any]:
+    """The metadata values that go into the schema's filter columns (``strict``: a declared
+    schema, whose type errors surface at add; otherwise values that do not fit are left out)."""
+    out = {}
+    for name, kind in schema.items():
+        value = metadata.get(name)
+        if name not in skip and value is not None and (strict or fits(kind, value)):
+            out[name] = value
+    return out
+
+
+class StoreLifecycle:
+    """``collection``, ``close``, the context manager and ``repr`` of an integration's store
+    (which keeps ``_db``, ``_owns_db``, ``_collection`` and ``collection_name``)."""
+
+    @property
+    def collection(self):
+        """The tierstore collection (``None`` until the first add creates it)."""
+        return self._collection
+
+    def close(self) -> None:
+        """Close the database when this store opened it (checkpointing the collection). Idempotent."""
+        if self._owns_db and self._db is not None:
+            self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.collection_name!r} in {self._db!r}>"
 
 
 def no_options(kwargs: Mapping[str, Any]) -> None:

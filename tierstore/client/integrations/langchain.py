@@ -68,7 +68,8 @@ from ...errors import ConfigError, InvalidArgument, InvalidType, NotFound
 from .._names import check_name
 from ..collection import METRICS, Collection
 from ..database import Database, connect
-from ._common import check_schema, fits, infer_schema, int_ids, no_options, string_id_to_int
+from ._common import (StoreLifecycle, check_schema, filterable_fields, infer_schema, int_ids, no_options,
+                      string_id_to_int)
 
 require("langchain_core", "langchain", "tierstore's LangChain integration")
 
@@ -100,7 +101,7 @@ def _prepare(texts: Iterable[str], metadatas: Sequence[Mapping[str, Any]] | None
     return texts, metas, ids
 
 
-class TierstoreVectorStore(VectorStore):
+class TierstoreVectorStore(StoreLifecycle, VectorStore):
     """A LangChain vector store kept in a tierstore collection; see the module docstring.
 
     Give ``uri`` (a directory or ``s3://bucket/prefix``; ``connect_options`` go to
@@ -154,25 +155,6 @@ class TierstoreVectorStore(VectorStore):
     def embeddings(self) -> Embeddings:
         return self._embedding
 
-    @property
-    def collection(self) -> Collection | None:
-        """The tierstore collection (``None`` until the first add creates it)."""
-        return self._collection
-
-    def close(self) -> None:
-        """Close the database when this store opened it (checkpointing the collection). Idempotent."""
-        if self._owns_db:
-            self._db.close()
-
-    def __enter__(self) -> TierstoreVectorStore:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<TierstoreVectorStore {self.collection_name!r} in {self._db!r}>"
-
     # ------------------------------------------------------------------ writes
     def _collection_for(self, dim: int, metadatas: list[dict]) -> Collection:
         with self._lock:
@@ -194,10 +176,7 @@ class TierstoreVectorStore(VectorStore):
         rows = []
         for i in keep:
             row = {TEXT: texts[i], ID: ids[i], METADATA: metadatas[i]}
-            for name, kind in schema.items():
-                value = metadatas[i].get(name)
-                if value is not None and (strict or fits(kind, value)):
-                    row[name] = value
+            row.update(filterable_fields(metadatas[i], schema, strict))
             rows.append(row)
         col.add(np.array([string_id_to_int(ids[i]) for i in keep], dtype=np.int64), arr[keep], rows)
 

@@ -65,7 +65,8 @@ from ...errors import ConfigError, FilterError, InvalidArgument, InvalidType, No
 from .._names import check_name
 from ..collection import METRICS, Collection
 from ..database import Database, connect
-from ._common import check_schema, fits, infer_schema, int_ids, no_options, string_id_to_int
+from ._common import (StoreLifecycle, check_schema, filterable_fields, infer_schema, int_ids, no_options,
+                      string_id_to_int)
 
 require("llama_index.core", "llamaindex", "tierstore's LlamaIndex integration")
 
@@ -143,7 +144,7 @@ def _name(member: Any) -> str:
 
 
 # -------------------------------------------------------------------- store
-class TierstoreVectorStore(BasePydanticVectorStore):
+class TierstoreVectorStore(StoreLifecycle, BasePydanticVectorStore):
     """A LlamaIndex vector store kept in a tierstore collection; see the module docstring.
 
     Give ``uri`` (a directory or ``s3://bucket/prefix``; ``connect_options`` go to
@@ -218,25 +219,6 @@ class TierstoreVectorStore(BasePydanticVectorStore):
         """The tierstore database."""
         return self._db
 
-    @property
-    def collection(self) -> Collection | None:
-        """The tierstore collection (``None`` until the first add creates it)."""
-        return self._collection
-
-    def close(self) -> None:
-        """Close the database when this store opened it (checkpointing the collection). Idempotent."""
-        if self._owns_db and self._db is not None:
-            self._db.close()
-
-    def __enter__(self) -> TierstoreVectorStore:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"<TierstoreVectorStore {self.collection_name!r} in {self._db!r}>"
-
     def _schema(self) -> dict[str, str]:
         col = self._collection
         return dict(col.settings["attributes"]) if col is not None else {}
@@ -274,12 +256,7 @@ class TierstoreVectorStore(BasePydanticVectorStore):
                                    ID: node.node_id, NODE_ID: node.node_id}
             if node.ref_doc_id is not None:
                 row[REF_DOC] = node.ref_doc_id
-            for name, kind in schema.items():
-                if name in _RESERVED:
-                    continue
-                value = metadatas[i].get(name)
-                if value is not None and (strict or fits(kind, value)):
-                    row[name] = value
+            row.update(filterable_fields(metadatas[i], schema, strict, _RESERVED))
             rows.append(row)
         col.add(np.array([string_id_to_int(nodes[i].node_id, "node ids") for i in keep], dtype=np.int64), arr[keep], rows)
 
