@@ -21,10 +21,10 @@ import numpy as np
 import xxhash
 
 from ...errors import InvalidArgument, InvalidType
-from ..collection import ATTRIBUTE_TYPES
+from ..collection import ATTRIBUTE_TYPES, METRICS
 
 __all__ = ["string_id_to_int", "int_ids", "infer_schema", "check_schema", "fits", "filterable_fields",
-           "no_options", "StoreLifecycle"]
+           "no_options", "check_store_args", "StoreLifecycle"]
 
 _ID_MASK = (1 << 63) - 1
 _INT64 = np.iinfo(np.int64)
@@ -135,6 +135,20 @@ class StoreLifecycle:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.collection_name!r} in {self._db!r}>"
+
+
+def check_store_args(uri: object, database: object, connect_options: object, metric: object,
+                     batch_size: object) -> None:
+    """The constructor arguments both stores take, checked."""
+    if (uri is None) == (database is None):
+        raise InvalidArgument("give uri= (a directory or s3://bucket/prefix) or database= (an open "
+                              "tierstore database), exactly one")
+    if database is not None and connect_options:
+        raise InvalidArgument("connect_options apply to uri=; database= is already open")
+    if metric is not None and metric not in METRICS:
+        raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def no_options(kwargs: Mapping[str, Any]) -> None:

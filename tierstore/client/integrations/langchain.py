@@ -66,10 +66,10 @@ import numpy as np
 from ..._optional import require
 from ...errors import ConfigError, InvalidArgument, InvalidType, NotFound
 from .._names import check_name
-from ..collection import METRICS, Collection
+from ..collection import Collection
 from ..database import Database, connect
-from ._common import (StoreLifecycle, check_schema, filterable_fields, infer_schema, int_ids, no_options,
-                      string_id_to_int)
+from ._common import (StoreLifecycle, check_schema, check_store_args, filterable_fields, infer_schema, int_ids,
+                      no_options, string_id_to_int)
 
 require("langchain_core", "langchain", "tierstore's LangChain integration")
 
@@ -114,15 +114,7 @@ class TierstoreVectorStore(StoreLifecycle, VectorStore):
                  collection_name: str = "langchain", *, metric: str | None = None,
                  metadata_schema: Mapping[str, str] | None = None, database: Database | None = None,
                  connect_options: Mapping[str, Any] | None = None, batch_size: int = 1_000) -> None:
-        if (uri is None) == (database is None):
-            raise InvalidArgument("give uri= (a directory or s3://bucket/prefix) or database= (an open "
-                                  "tierstore database), exactly one")
-        if database is not None and connect_options:
-            raise InvalidArgument("connect_options apply to uri=; database= is already open")
-        if metric is not None and metric not in METRICS:
-            raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
+        check_store_args(uri, database, connect_options, metric, batch_size)
         self._embedding = embedding
         self.collection_name = check_name(collection_name)
         self._metric = metric

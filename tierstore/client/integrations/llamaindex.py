@@ -63,10 +63,10 @@ import numpy as np
 from ..._optional import require
 from ...errors import ConfigError, FilterError, InvalidArgument, InvalidType, NotFound
 from .._names import check_name
-from ..collection import METRICS, Collection
+from ..collection import Collection
 from ..database import Database, connect
-from ._common import (StoreLifecycle, check_schema, filterable_fields, infer_schema, int_ids, no_options,
-                      string_id_to_int)
+from ._common import (StoreLifecycle, check_schema, check_store_args, filterable_fields, infer_schema, int_ids,
+                      no_options, string_id_to_int)
 
 require("llama_index.core", "llamaindex", "tierstore's LlamaIndex integration")
 
@@ -169,15 +169,7 @@ class TierstoreVectorStore(StoreLifecycle, BasePydanticVectorStore):
                  metric: str | None = None, metadata_schema: Mapping[str, str] | None = None,
                  database: Database | None = None, connect_options: Mapping[str, Any] | None = None,
                  batch_size: int = 1_000) -> None:
-        if (uri is None) == (database is None):
-            raise InvalidArgument("give uri= (a directory or s3://bucket/prefix) or database= (an open "
-                                  "tierstore database), exactly one")
-        if database is not None and connect_options:
-            raise InvalidArgument("connect_options apply to uri=; database= is already open")
-        if metric is not None and metric not in METRICS:
-            raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidArgument(f"batch_size must be a positive int, got {batch_size!r}")
+        check_store_args(uri, database, connect_options, metric, batch_size)
         declared = None if metadata_schema is None else check_schema(metadata_schema, _RESERVED)
         super().__init__(collection_name=check_name(collection_name), batch_size=batch_size)
         self._metric = metric
