@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ...errors import InvalidArgument, InvalidType
+from ...errors import ConfigError, InvalidArgument, InvalidType, NotFound
 from ..collection import ATTRIBUTE_TYPES, METRICS
 
 __all__ = ["string_id_to_int", "int_ids", "infer_schema", "check_schema", "fits", "filterable_fields",
@@ -115,12 +115,23 @@ def filterable_fields(metadata: Mapping[str, Any], schema: Mapping[str, str], st
 
 class StoreLifecycle:
     """``collection``, ``close``, the context manager and ``repr`` of an integration's store
-    (which keeps ``_db``, ``_owns_db``, ``_collection`` and ``collection_name``)."""
+    (which keeps ``_db``, ``_owns_db``, ``_collection``, ``_metric`` and ``collection_name``)."""
 
     @property
     def collection(self):
         """The tierstore collection (``None`` until the first add creates it)."""
         return self._collection
+
+    def _existing_collection(self):
+        """The collection if it exists (its metric checked against the one asked for), else None."""
+        try:
+            col = self._db.collection(self.collection_name)
+        except NotFound:
+            return None
+        if self._metric is not None and col.metric != self._metric:
+            raise ConfigError(f"collection {self.collection_name!r} exists with metric {col.metric!r}, "
+                              f"not {self._metric!r}")
+        return col
 
     def close(self) -> None:
         """Close the database when this store opened it (checkpointing the collection). Idempotent."""

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from ..._optional import require
-from ...errors import ConfigError, InvalidArgument, InvalidType, NotFound
+from ...errors import ConfigError, InvalidArgument, InvalidType
 from .._names import check_name
 from ..collection import Collection
 from ..database import Database, connect
@@ -130,13 +130,9 @@ class TierstoreVectorStore(StoreLifecycle, VectorStore):
             raise
 
     def _open_existing(self) -> Collection | None:
-        try:
-            col = self._db.collection(self.collection_name)
-        except NotFound:
+        col = self._existing_collection()
+        if col is None:
             return None
-        if self._metric is not None and col.metric != self._metric:
-            raise ConfigError(f"collection {self.collection_name!r} exists with metric {col.metric!r}, "
-                              f"not {self._metric!r}")
         if self._declared is not None and col.settings["attributes"] != self._declared:
             raise ConfigError(f"collection {self.collection_name!r} exists with metadata schema "
                               f"{col.settings['attributes']}, not {self._declared}")

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from ..._optional import require
-from ...errors import ConfigError, FilterError, InvalidArgument, InvalidType, NotFound
+from ...errors import ConfigError, FilterError, InvalidArgument, InvalidType
 from .._names import check_name
 from ..collection import Collection
 from ..database import Database, connect
@@ -188,13 +188,9 @@ class TierstoreVectorStore(StoreLifecycle, BasePydanticVectorStore):
         return "TierstoreVectorStore"
 
     def _open_existing(self) -> Collection | None:
-        try:
-            col = self._db.collection(self.collection_name)
-        except NotFound:
+        col = self._existing_collection()
+        if col is None:
             return None
-        if self._metric is not None and col.metric != self._metric:
-            raise ConfigError(f"collection {self.collection_name!r} exists with metric {col.metric!r}, "
-                              f"not {self._metric!r}")
         stored = col.settings["attributes"]
         if any(stored.get(name) != kind for name, kind in _RESERVED.items()):
             raise ConfigError(f"collection {self.collection_name!r} was not made by the LlamaIndex store "
