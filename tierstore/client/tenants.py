@@ -175,8 +175,9 @@ class Tenancy:
 
     def _tenant_matches(self, name: str, filter_spec: Any) -> _Matches:
         key = (name, _filter_key(filter_spec) if filter_spec is not None else None)
+        cacheable = filter_spec is None or key[1] is not None  # a filter that is not plain JSON is not memoised
         self._fresh_caches()
-        found = self._tenant_cache.get(key) if key[1] is not None or filter_spec is None else None
+        found = self._tenant_cache.get(key) if cacheable else None
         if found is not None:
             self._tenant_cache.move_to_end(key)
             return found
@@ -185,7 +186,7 @@ class Tenancy:
         if filter_spec is not None and rows.size:
             rows = rows[predicate.evaluate(self._attribute_columns(), rows)]
         found = _Matches(predicate, rows, self._indexed_rows, self.rows.count())
-        if key[1] is not None or filter_spec is None:
+        if cacheable:
             self._tenant_cache[key] = found
             while len(self._tenant_cache) > _TENANT_CACHE:
                 self._tenant_cache.popitem(last=False)

@@ -57,6 +57,7 @@ conditions (so a hostile filter cannot exhaust the stack or the CPU).
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import sys
@@ -557,7 +558,7 @@ def _read_column(blob: Any, index: int, kind: str, rows: int) -> Any:
 
 
 # --------------------------------------------------------------------------- filters
-class Filter:
+class Filter(abc.ABC):
     """A parsed filter: an immutable predicate over rows. Get one from :func:`parse_filter`."""
 
     def evaluate(self, columns: AttributeColumns, rows: object = None) -> np.ndarray:
@@ -568,16 +569,17 @@ class Filter:
         picked = None if rows is None else _check_rows(rows, len(columns))
         return self._mask(columns, picked)
 
+    @abc.abstractmethod
     def _mask(self, columns: AttributeColumns, rows: np.ndarray | None) -> np.ndarray:
-        raise NotImplementedError
+        """The mask of :meth:`evaluate` for checked ``rows`` (``None``: every row)."""
 
+    @abc.abstractmethod
     def attributes(self) -> frozenset[str]:
         """Names of the attributes the filter reads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """A readable one-line form for ``explain`` output: ``year >= 2020 AND tags CONTAINS ANY ['a']``."""
-        raise NotImplementedError
 
     def __str__(self) -> str:
         return self.describe()

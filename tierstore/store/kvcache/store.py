@@ -42,6 +42,7 @@ event loop is never blocked by LMDB, S3 or torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import threading
@@ -53,7 +54,7 @@ from typing import Any
 
 from xxhash import xxh3_128
 
-from ...errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, StoreClosed
+from ...errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound, StoreClosed
 from ...tiers.base import BaseTier
 from ..blob import fetch_header
 from . import hf
@@ -178,10 +179,8 @@ class KVCacheStore:
         key = self._records_prefix() + layout.fingerprint()
         body = json.dumps({f: getattr(layout, f) for f in ("model", "revision", "dtype", "layers", "kv_heads",
                                                             "head_dim", "codec")}, sort_keys=True)
-        try:
+        with contextlib.suppress(AlreadyExists):  # another store recorded it first: the same layout
             self._base_tier.put(key, body.encode("utf-8"), mode="create")
-        except AlreadyExists:
-            pass
         self._recorded = True
 
     def _find_layout(self) -> KVLayout | None:
@@ -425,8 +424,6 @@ class KVCacheStore:
         return headers, chunks
 
     def _get_or_none(self, key: str):
-        from ...errors import NotFound
-
         try:
             return self.tier.get(key)
         except NotFound:
@@ -438,8 +435,6 @@ class KVCacheStore:
         missing = [k for k in keys if k not in known]
 
         def fetch(key: str) -> ChunkHeader | None:
-            from ...errors import NotFound
-
             try:
                 info = fetch_header(functools.partial(self.tier.get_range, key), first_read=16384, source=key)
             except NotFound:
