@@ -329,7 +329,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
 
     # ------------------------------------------------------------------ search
     def search(self, x: object, k: int = 10, *, filter: Mapping | None = None, explain: bool = False,
-               **params: Any) -> SearchResult:
+               executor: Any = None, **params: Any) -> SearchResult:
         """The ``k`` nearest live vectors of each query ``x`` (``(dim,)`` or ``(nq, dim)``).
 
         Keyword ``params`` are :class:`~tierstore.index.params.SearchParams` fields
@@ -338,7 +338,13 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         (:mod:`tierstore.index.filters`), e.g. ``{"year": {"$gte": 2020}, "lang": "en"}``;
         ``res.stats["plan"]`` tells how it ran, ``explain=True`` adds the planner's view.
         A filtered search returns ``min(k, matches)`` results.
+
+        ``executor``: run the search elsewhere, e.g. a
+        :class:`tierstore.serverless.FanoutExecutor` over workers holding the posting
+        lists; it returns the same result as a local search with the same arguments.
         """
+        if executor is not None:
+            return executor.search(self, x, k, filter=filter, explain=explain, **params)
         xq, k, sp = self._search_args(x, k, params)
         with self._lock:
             self._check_open()
