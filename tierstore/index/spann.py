@@ -66,6 +66,8 @@ class SpannIndex(ListUpdates):
         self.fetch_rounds = 0
         self.fetched_requests = 0
         self.fetched_bytes = 0
+        self.list_lookups = 0  # lists a search wanted from the cache (tiered mode)
+        self.fetched_lists = 0  # of which were not held and came from the tier
         self._moved: set[int] = set()
         self._centroids_moved = False
         # Tombstoned rows still stored in each list (approximate for replicas): drives lazy purges.
@@ -212,6 +214,7 @@ class SpannIndex(ListUpdates):
         fetched, plan = fetch_lists(self.tier, self.directory, list_nos, coalesce_gap=self.coalesce_gap)
         self.fetch_rounds += 1
         self.fetched_requests += len(plan.requests)
+        self.fetched_lists += int(list_nos.size)
         self.fetched_bytes += plan.bytes
         for list_no, (ids, codes) in fetched.items():
             self.scanner.load_list(list_no, ids, codes)
@@ -249,6 +252,7 @@ class SpannIndex(ListUpdates):
             return
         wanted = np.unique(lists[lists >= 0])
         missing = wanted[~self.loaded[wanted]]
+        self.list_lookups += int(wanted.size)
         self._load(missing)
         for list_no in wanted.tolist():
             if list_no in self._lru:
