@@ -1,123 +1,94 @@
 """The ``tierstore`` command line.
 
-``tierstore demo`` runs a small workload over a memory + LMDB + file tier stack and
-prints what each level did; later releases grow it into the full RAG demo.
+``demo`` (the first command after install), ``ingest``, ``search``, ``stats``,
+``bench`` and ``serverless``. Every command has ``--help``; errors print one line
+saying what to do and exit non-zero (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-__all__ = ["main"]
-
-
-def _format_table(rows: list[dict], columns: list[str]) -> str:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    lines = ["  ".join(c.rjust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(str(r[c]).rjust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-def _human(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return str(nbytes)
-
-
-def run_tier_demo(path: Path, *, values: int, reads: int, write_policy: str, seed: int = 0) -> dict:
-    """Write ``values`` values of mixed sizes through a 3-level stack, read them with a
-    skewed (Zipf-like) pattern, verify every byte, and return the per-level statistics."""
-    from tierstore.tiers import FileTier, LmdbTier, MemoryTier, TieredStore
-
-    rng = random.Random(seed)
-    sizes = [rng.choice([512, 4096, 65536, 1 << 20]) for _ in range(values)]
-    payload = {f"demo/{i:05d}": rng.randbytes(size) for i, size in enumerate(sizes)}
-    total = sum(sizes)
-    store = TieredStore(
-        [MemoryTier(name="memory"), LmdbTier(path / "lmdb", name="lmdb"), FileTier(path / "files", name="file")],
-        budgets=[max(total // 10, 1 << 20), max(total // 3, 2 << 20), None],
-        write_policy=write_policy, policy="lru")
-    started = time.perf_counter()
-    try:
-        store.put_many(payload)
-        keys = list(payload)
-        weights = [1.0 / (rank + 1) for rank in range(len(keys))]
-        for key in rng.choices(keys, weights=weights, k=reads):
-            if store.get(key) != payload[key]:
-                raise SystemExit(f"demo: value of {key} came back different; the store is broken")
-        store.flush()
-        elapsed = time.perf_counter() - started
-        stats = store.stats()
-    finally:
-        store.close()
-    levels = [{"level": i, "tier": s.name, "hits": s.hits, "misses": s.misses, "hit_rate": (
-        f"{s.hits / s.gets:.2f}" if s.gets else "-"), "evictions": s.evictions, "promotions": s.promotions,
-        "demotions": s.demotions, "stored": _human(s.bytes_stored), "budget": _human(s.capacity_bytes),
-        "read": _human(s.bytes_read), "written": _human(s.bytes_written)} for i, s in enumerate(stats.levels)]
-    return {"values": values, "bytes": total, "reads": reads, "write_policy": write_policy,
-            "seconds": round(elapsed, 3), "store": {"gets": stats.gets, "hits": stats.hits, "misses": stats.misses},
-            "levels": levels}
+__all__ = ["main", "build_parser"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    if args.path:
-        path = Path(args.path)
-        path.mkdir(parents=True, exist_ok=True)
-        report = run_tier_demo(path, values=args.values, reads=args.reads, write_policy=args.write_policy)
-    else:
-        with tempfile.TemporaryDirectory(prefix="tierstore-demo-") as tmp:
-            report = run_tier_demo(Path(tmp), values=args.values, reads=args.reads, write_policy=args.write_policy)
+    from .demo import print_report, run_demo
+
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    report = run_demo(docs=args.docs, queries=args.queries, embedder=args.embedder, kv=not args.no_kv,
+                      model_dir=args.model, path=args.path, say=say)
     if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"tierstore demo: {report['values']} values ({_human(report['bytes'])}), {report['reads']} skewed reads, "
-          f"{report['write_policy']}, every byte verified, {report['seconds']} s")
-    columns = ["level", "tier", "hits", "misses", "hit_rate", "evictions", "promotions", "demotions",
-               "stored", "budget", "read", "written"]
-    print(_format_table(report["levels"], columns))
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_report(report)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._cli_data import add_data_commands
+
     parser = argparse.ArgumentParser(prog="tierstore", description="Storage-tiered vector search and KV-cache store.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="exercise a memory+LMDB+file tier stack and print its statistics",
-                          description="Write values through a memory + LMDB + file hierarchy, read them back with "
-                                      "a skewed pattern, verify every byte and print what each tier did.")
-    demo.add_argument("--path", help="directory for the LMDB and file tiers (default: a temporary one)")
-    demo.add_argument("--values", type=int, default=400, help="number of values to write (default 400)")
-    demo.add_argument("--reads", type=int, default=4000, help="number of skewed reads (default 4000)")
-    demo.add_argument("--write-policy", choices=["write-through", "write-back"], default="write-through")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="build, search and measure a tiered collection of real text, and KV reuse",
+                          description="Find a real text corpus on this machine (manual pages, else Python's "
+                                      "documentation), embed it, build a collection in a memory + LMDB tier stack, "
+                                      "search it with held-out paragraphs (recall against exact search, a filtered "
+                                      "search, tier hit rates), and, when torch and transformers are installed, "
+                                      "compare RAG time to first token with and without chunk KV reuse.")
+    demo.add_argument("--docs", type=int, default=3000, help="paragraphs to index (default 3000)")
+    demo.add_argument("--queries", type=int, default=200, help="held-out paragraphs used as queries (default 200)")
+    demo.add_argument("--embedder", default="auto", help="auto (MiniLM when installed, else hashing), minilm, "
+                                                          "hashing, or a sentence-transformers model path")
+    demo.add_argument("--model", help="a local transformers Llama directory for the KV part (default: a tiny "
+                                      "random byte-level Llama)")
+    demo.add_argument("--no-kv", action="store_true", help="skip the KV-reuse part")
+    demo.add_argument("--path", help="keep the demo's data in this directory (default: a temporary one)")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(handler=_cmd_demo)
+    add_data_commands(sub)
+    try:  # TEMP until serverless/cli.py lands
+        from ..serverless.cli import register as register_serverless
+        register_serverless(sub)
+    except ImportError:
+        pass
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 error, 2 bad usage, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "values", 1) < 1 or getattr(args, "reads", 0) < 0:
-        print("tierstore: --values must be >= 1 and --reads >= 0", file=sys.stderr)
-        return 2
-    from tierstore.errors import TierstoreError
+    for name in ("docs", "queries", "batch_size", "n", "dim"):
+        if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
+            print(f"tierstore: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    from ..errors import TierstoreError
 
     try:
         return args.handler(args)
     except TierstoreError as exc:
-        print(f"tierstore: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"tierstore: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("tierstore: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as exc:  # a file or directory the user named
+        if args.debug:
+            raise
+        print(f"tierstore: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
