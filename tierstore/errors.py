@@ -8,17 +8,21 @@ ValueError`` keep working for callers who do not know tierstore::
     ├── InvalidArgument (ValueError)     bad input: values, shapes, options, ranges
     │   ├── InvalidKey                   a key that no tier may store (``../x``, NUL, ...)
     │   ├── ConfigError                  a tier or store configured inconsistently
-    │   └── FilterError                  a metadata filter that does not parse against the schema
+    │   ├── FilterError                  a metadata filter that does not parse against the schema
+    │   └── EventError                   a serverless worker event that breaks its schema
     ├── InvalidType (TypeError)          an argument of the wrong type (``None`` value, ...)
     ├── NotFound (KeyError)              the key / collection / object does not exist
     ├── AlreadyExists                    ``mode="create"`` found the key already present
     │   ├── CommitConflict               another writer committed this manifest version first
     │   └── WriterConflict               another writer is appending to this write-ahead log
     ├── CapacityError                    a value does not fit the tier's byte budget
+    │   ├── PayloadTooLarge              a Lambda request/response over the 6 MB synchronous limit
+    │   └── PackageTooLarge              a Lambda zip over the 250 MB unzipped limit
     ├── CorruptData                      a checksum or framing check failed: never data
     ├── StoreClosed                      the tier or store was closed
     └── TierUnavailable                  the backend failed (I/O, network, LMDB, S3, GPU)
-        └── TierTimeout                  ... by running past a configured deadline
+        ├── TierTimeout                  ... by running past a configured deadline
+        └── WorkerError                  a serverless search worker failed after its retries
 
 Backend exceptions (``lmdb.Error``, ``botocore`` errors, ``OSError``, torch's
 ``RuntimeError``) are translated where tierstore calls the backend and chained with
@@ -43,6 +47,10 @@ __all__ = [
     "StoreClosed",
     "TierUnavailable",
     "TierTimeout",
+    "EventError",
+    "PayloadTooLarge",
+    "PackageTooLarge",
+    "WorkerError",
 ]
 
 
@@ -121,3 +129,37 @@ class TierUnavailable(TierstoreError):
 
 class TierTimeout(TierUnavailable):
     """A backend call ran past its configured deadline."""
+
+
+class EventError(InvalidArgument):
+    """A serverless worker event does not match its schema (:mod:`tierstore.serverless.events`).
+
+    The message names the field (``scan[2].queries``) and what it must be; the worker
+    never evaluates strings from an event.
+    """
+
+
+class PayloadTooLarge(CapacityError):
+    """A Lambda request or response exceeds the 6 MB synchronous-invocation limit.
+
+    Raised instead of sending (or returning) a truncated payload: search fewer queries
+    per call, or use more partitions so that each worker returns fewer candidates.
+    """
+
+
+class PackageTooLarge(CapacityError):
+    """A Lambda deployment package exceeds the 250 MB unzipped limit."""
+
+
+class WorkerError(TierUnavailable):
+    """A serverless search worker failed (or timed out) after its retries.
+
+    ``partitions`` lists the partitions whose results are missing, ``cause_type`` the
+    remote error type. Pass ``allow_partial=True`` to the executor to get partial
+    results flagged in ``res.stats["partial"]`` instead.
+    """
+
+    def __init__(self, message: str, *, partitions: tuple[int, ...] = (), cause_type: str | None = None) -> None:
+        super().__init__(message)
+        self.partitions = tuple(partitions)
+        self.cause_type = cause_type

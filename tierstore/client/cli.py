@@ -50,11 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(handler=_cmd_demo)
     add_data_commands(sub)
-    try:  # TEMP until serverless/cli.py lands
-        from ..serverless.cli import register as register_serverless
-        register_serverless(sub)
-    except ImportError:
-        pass
+    from ..serverless.cli import register as register_serverless
+
+    register_serverless(sub)
     return parser
 
 
