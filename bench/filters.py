@@ -16,7 +16,10 @@ On manpages-minilm (50,000 MiniLM vectors of man-page paragraphs, cosine), with 
 
 Recall@10 counts the exact filtered neighbours found out of ``min(10, matches)``;
 ``full`` is the share of queries that got ``min(10, matches)`` results. QPS is one query
-per call, one thread; latency ratios against tierstore's unfiltered search in the same run.
+per call, one thread. Each filter is timed over ``--rounds`` rounds (default 3), the
+systems and tierstore's unfiltered search interleaved in chunks of 50 queries (so a
+drifting machine load hits all of them alike): QPS is the median over rounds, the latency
+ratio against unfiltered the median over rounds x chunks of the paired chunk times.
 """
 
 from __future__ import annotations
@@ -102,20 +105,42 @@ def recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return float(np.mean(hits)), float(np.mean(full))
 
 
-def timed(fn, queries: np.ndarray) -> tuple[np.ndarray, float]:
-    """Run ``fn(q)`` once per query (one query per call); results and queries per second."""
-    out = []
-    fn(queries[0])
-    start = time.perf_counter()
-    for q in queries:
-        out.append(fn(q))
-    return np.stack(out), len(queries) / (time.perf_counter() - start)
+def timed_interleaved(systems: dict, queries: np.ndarray, rounds: int, chunk: int = 50):
+    """Time every system one query per call, interleaved in chunks of ``chunk`` queries.
+
+    Each round runs, chunk after chunk, every system over that chunk (the order reversed
+    every round), so a system and the first one (the baseline) are timed milliseconds
+    apart: the machine's drifting load hits both. Returns the last round's results, the
+    QPS of each system (median over rounds), its latency ratio to the baseline (median
+    over rounds x chunks of the chunk-time ratios), and the baseline's QPS.
+    """
+    names = list(systems)
+    starts = list(range(0, len(queries), chunk))
+    seconds = {name: np.zeros((max(1, rounds), len(starts))) for name in names}
+    found = {name: [None] * len(queries) for name in names}
+    for fn in systems.values():
+        fn(queries[0])
+    clock = time.perf_counter
+    for r in range(max(1, rounds)):
+        for c, first in enumerate(starts):
+            part = queries[first:first + chunk]
+            for name in (names if r % 2 == 0 else names[::-1]):
+                fn, out = systems[name], found[name]
+                begin = clock()
+                for i, q in enumerate(part):
+                    out[first + i] = fn(q)
+                seconds[name][r, c] = clock() - begin
+    qps = {name: float(len(queries) / np.median(seconds[name].sum(axis=1))) for name in names}
+    base = names[0]
+    ratios = {name: float(np.median(seconds[name] / seconds[base])) for name in names}
+    return {name: np.stack(out) for name, out in found.items()}, qps, ratios, qps[base]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="200 queries instead of 1,000")
     parser.add_argument("--queries", type=int, help="number of queries")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds per filter (medians kept)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--shared", default=os.environ.get("TIERSTORE_SHARED") or
                         os.path.join(os.path.dirname(_HERE), "..", "shared"))
@@ -142,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         ivf.train(x)
         ivf.add(x)
         rows: list[dict[str, Any]] = []
-        _, base_qps = timed(lambda q: col.search(q, k=K).ids[0], xq)
+        base_per_filter: list[float] = []  # unfiltered QPS, measured beside each filter's passes
         for label, spec, mask in choose_filters(meta, buckets):
             truth = exact_topk(x, xq, mask)
             selectivity = float(mask.mean())
@@ -167,22 +192,27 @@ def main(argv: list[str] | None = None) -> int:
 
             systems[f"faiss-ivf-postfilter nprobe=32 k'={wide}"] = post_filter
             plan = col.search(xq[0], k=K, filter=spec).stats["plan"]
-            for name, fn in systems.items():
-                found, qps = timed(fn, xq)
-                r, full = recall(found, truth)
+            unfiltered = lambda q: col.search(q, k=K).ids[0]  # noqa: E731
+            found, qps, ratios, base = timed_interleaved({"unfiltered": unfiltered, **systems}, xq, args.rounds)
+            base_per_filter.append(base)
+            for name in systems:
+                r, full = recall(found[name], truth)
                 rows.append({"filter": label, "selectivity": selectivity, "matches": int(mask.sum()), "system": name,
                              "plan": plan if name.startswith("tierstore") else None, "recall": r, "full": full,
-                             "qps": qps, "latency_vs_unfiltered": base_qps / qps})
+                             "qps": qps[name], "latency_vs_unfiltered": ratios[name]})
             print(f"  {label}: {selectivity:.4f}", flush=True)
         db.close()
-    print(f"\nfiltered search on manpages ({len(xq)} queries, one query per call, one thread; unfiltered "
-          f"tierstore {base_qps:,.0f} QPS; {time.perf_counter() - started:.0f} s)")
+    base_qps = float(np.median(base_per_filter))
+    print(f"\nfiltered search on manpages ({len(xq)} queries, one query per call, one thread, {args.rounds} "
+          f"rounds interleaved in chunks; unfiltered tierstore {base_qps:,.0f} QPS (median over the filters' "
+          f"runs); {time.perf_counter() - started:.0f} s)")
     print(format_table(rows, [("filter", "filter", ""), ("selectivity", "sel.", ".4f"), ("matches", "matches", ","),
                               ("system", "system", ""), ("plan", "plan", ""), ("recall", "recall@10", ".3f"),
                               ("full", "full", ".3f"), ("qps", "QPS", ",.0f"),
                               ("latency_vs_unfiltered", "lat. x unfilt.", ".2f")]))
     if args.json:
         write_report(args.json, bench_meta(benchmark="filters", queries=len(xq), unfiltered_qps=base_qps,
+                                           unfiltered_qps_per_filter=base_per_filter, rounds=args.rounds,
                                            nlist=nlist), results=rows)
     return 0
 

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             systems[f"dedicated nprobe={nprobe}"] = lambda t, q, p=nprobe: dedicated[t].search(q, p)
         plan_of = []
         for t, q in zip(query_tenant, xq):  # warm-up (builds each queried tenant's row set once)
-            plan_of.append(handles[t].search(q, k=K).stats.get("plan", "?"))
+            stats = handles[t].search(q, k=K).stats
+            scoring = stats.get("scoring")  # how the filtered plan scored its lists
+            plan_of.append(stats.get("plan", "?") + (f"/{scoring}" if scoring else ""))
             for fn in systems.values():
                 fn(t, q)
         plans: dict[str, int] = {}

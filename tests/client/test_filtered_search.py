@@ -109,6 +109,67 @@ def test_plans_and_explain(collection):
     assert col.search(x[0], k=5, filter={}).stats["matches"] == col.count()  # {} matches everything
 
 
+@pytest.mark.parametrize("spec", [{"tags": {"$in": ["t1"]}, "ok": True}, {"year": {"$gte": 2020}}])
+def test_compacted_lists_return_what_the_selector_scan_returned(collection, spec):
+    """A repeated filter scans lists holding only its rows' codes: the same results, exactly."""
+    _, col, _, attrs = collection
+    xq = np.random.default_rng(2).standard_normal((30, 24)).astype(np.float32) * 3
+    col._match_cache.clear()  # a fresh memo: its first search scans the whole lists
+    first = col.search(xq, k=10, filter=spec)
+    again = col.search(xq, k=10, filter=spec)
+    assert first.stats["scoring"] == "codes" and again.stats["scoring"] == "compact_codes"
+    np.testing.assert_array_equal(first.ids, again.ids)
+    np.testing.assert_array_equal(first.distances, again.distances)
+    singles = np.concatenate([col.search(q, k=10, filter=spec).ids for q in xq])
+    np.testing.assert_array_equal(singles, first.ids)
+    found = col._matches(spec)
+    assert found.compact is not None and found.nbytes > found.rows.nbytes  # counted as memory
+    ok = np.array([matches(a, spec) for a in attrs])
+    assert ok[first.ids[first.ids >= 0]].all()
+
+
+@pytest.mark.parametrize("quantizer", ["sq8", "rabitq", "pq4fs"])
+def test_compacted_lists_of_every_faiss_code_format(tmp_path, quantizer):
+    """Flat codes are selected row by row, fast-scan blocks repacked: the same results either way."""
+    x, attrs = make_rows(8_000, seed=6)
+    xq = np.random.default_rng(3).standard_normal((20, 24)).astype(np.float32) * 3
+    spec = {"year": {"$gte": 2020}}  # ~20%: the filtered plan, compacted on the second search
+    with tierstore.connect(tmp_path) as db:
+        col = db.create_collection("c", dim=24, attributes=SCHEMA)
+        col.add(np.arange(len(x)), x, attrs)
+        col.build_index(quantizer=quantizer)
+        first, again = (col.search(xq, k=10, filter=spec) for _ in range(2))
+        assert (first.stats["scoring"], again.stats["scoring"]) == ("codes", "compact_codes")
+        np.testing.assert_array_equal(first.ids, again.ids)
+        np.testing.assert_array_equal(first.distances, again.distances)
+
+
+def test_compacted_lists_follow_updates(tmp_path):
+    """Rows added (then folded into the index) or deleted after compaction are seen / gone."""
+    x, attrs = make_rows(11_000, seed=4)
+    with tierstore.connect(tmp_path, flush_rows=1_000_000) as db:
+        col = db.create_collection("c", dim=24, attributes=SCHEMA)
+        col.add(np.arange(10_000), x[:10_000], attrs[:10_000])
+        col.build_index()
+        spec = {"tags": {"$in": ["t1"]}}
+        assert col.search(x[:5], k=10, filter=spec).stats["scoring"] == "codes"
+        assert col.search(x[:5], k=10, filter=spec).stats["scoring"] == "compact_codes"
+        col.add(np.arange(10_000, 11_000), x[10_000:], attrs[10_000:])
+        gone = np.arange(1, 10_000, 10)  # half of tag t1's indexed rows
+        col.delete(gone)
+        col.flush()  # fold the new rows into the lists: memoised rows and compacted lists go stale
+        ok = np.array([matches(a, spec) for a in attrs])
+        ok[gone] = False
+        for _ in range(3):
+            res = col.search(x[10_000:10_040], k=10, filter=spec)
+            assert res.stats["plan"] == "filtered_ivf"
+            found = res.ids[res.ids >= 0]
+            assert ok[found].all() and ((res.ids >= 0).sum(axis=1) == 10).all()
+            truth = exact(x, x[10_000:10_040], ok, 10)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids, truth)])
+            assert recall >= 0.85, (recall, res.stats)
+
+
 def test_updates_deletes_and_reopen_keep_filters_right(tmp_path):
     x, attrs = make_rows(3_000, seed=2)
     with tierstore.connect(tmp_path) as db:

@@ -98,6 +98,8 @@ def check_search(col, model: Model, name: str, xq: np.ndarray, k: int, plans: di
     if want:
         plan = res.stats.get("plan", "?")
         plans[plan] = plans.get(plan, 0) + len(xq)
+        scoring = f"scoring:{res.stats.get('scoring')}"  # how filtered_ivf scored the lists
+        plans[scoring] = plans.get(scoring, 0) + len(xq)
         # Recall against the exact top-k of the tenant's rows: exact for the exact plan.
         vecs = np.stack([model.vectors[int(i)] for i in visible])
         d = ((xq[:, None, :] - vecs[None]) ** 2).sum(-1)
@@ -222,6 +224,8 @@ def test_randomized_isolation(tmp_path):
 
     assert searched >= 100_000, searched
     assert plans.get("exact", 0) and plans.get("filtered_ivf", 0), plans  # both planner paths ran
+    # filtered_ivf scored both ways: the code scan, and exact scoring of the tenant's rows per list
+    assert plans.get("scoring:codes", 0) and plans.get("scoring:exact", 0), plans
     for plan, floor in (("exact", 0.999), ("filtered_ivf", 0.85)):
         rows = [(r, n) for p, r, n in hits if p == plan]
         recall = sum(r * n for r, n in rows) / sum(n for _, n in rows)

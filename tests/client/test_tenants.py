@@ -108,3 +108,23 @@ def test_bad_tenant_names(setup):
         col.offload_tenants(keep=-1)
     with pytest.raises(InvalidArgument, match="tenant"):
         tierstore.Database.create_collection(col.db, "bad", dim=4, attributes={"__tenants": "keywords"})
+
+
+def test_the_tenant_index_follows_writes_without_a_rebuild(setup):
+    """Adds, grants and revokes extend the tenant inverted index; every handle sees them at once."""
+    _, col, x, _ = setup
+    assert col.tenant("small").count() == 100
+    postings = col._tenant_postings
+    col.tenant("small").add([5_000, 5_001], x[:2] + 0.01)
+    col.tenant("fresh").add([5_002], x[2:3])
+    col.grant([2_500], "fresh")
+    assert col.tenant("small").count() == 102 and col.tenant("fresh").count() == 2
+    assert col._tenant_postings is postings  # extended, not rebuilt
+    assert col.tenant("small").search(x[0] + 0.01, k=1).ids[0, 0] == 5_000
+    assert set(col.tenant("fresh").search(x[:3], k=2).ids.ravel().tolist()) == {5_002, 2_500}
+    col.revoke([2_500], "fresh")
+    assert col.tenant("fresh").count() == 1 and "fresh" in col.tenants()
+    col.build_index()  # renumbers every row: a new generation, a new index
+    assert col.tenant("small").count() == 102 and col.tenant("fresh").count() == 1
+    assert col._tenant_postings is not postings  # rebuilt over the new row numbers
+    assert col.tenant_stats()["memberships"] == 2_000 + 102 + 1

@@ -10,9 +10,14 @@ planner then picks, from the exact match count:
 * ``"filtered_ivf"`` - more matches: each query takes its lists in centroid order until
   they hold enough matching rows (:meth:`SpannIndex.probe_filtered`: per-list match
   counts from the row table, so one pass always yields ``min(k, matches)`` results), the
-  code scan scores only matching rows (a faiss ``IDSelectorBitmap`` inside the scan),
-  and the candidates are reranked exactly. Broad filters keep ``nprobe`` lists: this is
-  the unfiltered search with non-matching rows skipped, so no post-filter pass is needed.
+  code scan scores only matching rows and the candidates are reranked exactly. Broad
+  filters keep ``nprobe`` lists: this is the unfiltered search with non-matching rows
+  skipped, so no post-filter pass is needed. How the lists are scored
+  (``res.stats["scoring"]``): ``"compact_codes"``, a repeated filter's compacted lists
+  (its own rows' codes only, :func:`~tierstore.index.selection.compact_scanner`, within
+  a memory budget); ``"codes"``, the whole lists with a faiss ``IDSelectorBitmap``; for
+  a tenant spread thinly over the lists, ``"exact"``: its rows in each probed list,
+  scored exactly (Curator's short lists).
 
 Unindexed rows (the exact delta) are searched through the same mask. ``res.stats``
 names the plan, the match count and the lists probed; ``explain=True`` adds the parsed
@@ -28,8 +33,9 @@ import faiss
 import numpy as np
 
 from ..index.filters import AttributeColumns, parse_filter
+from ..index.params import SearchParams
 from ..index.rerank import exact_rows, merge_topk, rerank
-from ..index.selection import RowSelection
+from ..index.selection import RowSelection, compact_scanner
 from .results import SearchResult
 
 TENANTS = "__tenants"  # the hidden keywords column of tenant memberships
@@ -37,13 +43,28 @@ TENANTS = "__tenants"  # the hidden keywords column of tenant memberships
 __all__ = ["FilteredSearch", "EXACT_MIN"]
 
 EXACT_MIN = 1024
+_DEFAULT_SEARCH = SearchParams()
 # Measured on manpages (bench/filters.py): with filters correlated with the vectors (a man
 # section, a few pages) the filtered neighbours sit in lists far from the query; probing
 # until the lists hold 8x the candidates, and reranking at least 8k, lifts recall@10
-# from 0.62-0.66 to 0.88-0.94 for ~1.5x the time.
-TARGET_FACTOR = 8  # matching rows the probed lists must hold, in multiples of the candidates
+# from 0.62-0.66 to 0.88-0.94 for ~1.5x the time. With compacted lists (a repeated filter
+# scans only its own rows' codes) a wider probe costs little: 16x lifts recall@10 further
+# (section 7: 0.88 -> 0.95; 3.7% and 10% filters: 0.95-0.97 -> 0.99) at the same latency.
+TARGET_FACTOR = 16  # matching rows the probed lists must hold, in multiples of the candidates
+# A tenant's lists are scored without compaction (memory budget), so they keep the narrower
+# probe: exact scoring of its rows in each probed list costs in proportion to the rows.
+TENANT_TARGET_FACTOR = 8
 MIN_RERANK = 8     # filtered searches rerank at least this many candidates per result
 _MASK_CACHE = 32  # filters whose match masks are kept (a tenant or section filter repeats)
+# Scoring a tenant's row exactly (a gather of its full vector) costs about as much as
+# code-scanning this many list rows (pq4fs fast-scan reads whole lists, matching or not):
+# measured on bench/tenants.py, where a large tenant's rows are spread over most lists.
+EXACT_ROW_COST = 12
+# A memoised filter keeping at most this share of the rows gets compacted lists (only its
+# rows' codes) on its second search; all compacted lists together stay within
+# COMPACT_BUDGET x the index's list bytes.
+COMPACT_SELECTIVITY = 0.25
+COMPACT_BUDGET = 0.5
 
 
 class _Matches:
@@ -52,23 +73,40 @@ class _Matches:
     def __init__(self, predicate, rows: np.ndarray, indexed: int, live_total: int) -> None:
         self.predicate = predicate
         self.selectivity = rows.size / max(live_total, 1)
-        self.rows = rows                      # sorted row numbers
+        self.rows = np.ascontiguousarray(rows, dtype=np.int64)  # sorted row numbers
         self.count = int(rows.size)
-        split = int(np.searchsorted(rows, indexed))
-        self.in_index = rows[:split]          # rows the index holds
-        self.delta = rows[split:] - indexed   # rows of the exact delta, as its local ids
+        split = int(np.searchsorted(self.rows, indexed))
+        self.in_index = self.rows[:split]     # rows the index holds
+        self.delta = self.rows[split:] - indexed  # rows of the exact delta, as its local ids
         self.indexed = indexed
         self.per_list: np.ndarray | None = None
         self._selection: RowSelection | None = None
+        self.searches = 0                     # filtered-IVF searches over these rows (compaction pays on repeats)
+        self.compactable = True               # a tenant's rows are not: the tenant index keeps to its budget
+        self.compact: tuple | None = None     # (index, scanner, nbytes): lists holding only these rows' codes
+        self._by_list: tuple | None = None    # (index, starts, rows): the rows of these each list stores
 
     def selection(self) -> RowSelection:
         if self._selection is None:
             self._selection = RowSelection.from_rows(self.in_index, self.indexed)
         return self._selection
 
+    def by_list(self, index) -> tuple[np.ndarray, np.ndarray]:
+        """``(starts, rows)``: these rows as each posting list of ``index`` stores them (replicas
+        included), ``rows[starts[slot]:starts[slot + 1]]`` as int32; built once per index state."""
+        if self._by_list is None or self._by_list[0] is not index:
+            mask = np.zeros(self.indexed, bool)  # a step only: a byte a row is not kept per tenant
+            mask[self.in_index] = True
+            self._by_list = (index, *_rows_by_list(index, mask))
+        return self._by_list[1], self._by_list[2]
+
     @property
     def nbytes(self) -> int:
         extra = self._selection.nbytes if self._selection is not None else 0
+        if self._by_list is not None:
+            extra += self._by_list[1].nbytes + self._by_list[2].nbytes
+        if self.compact is not None:
+            extra += self.compact[2]
         return self.rows.nbytes + (self.per_list.nbytes if self.per_list is not None else 0) + extra
 
 
@@ -102,12 +140,16 @@ class FilteredSearch:
             self._columns_pending.extend(attributes)
 
     def _fresh_caches(self) -> None:
-        """Drop memoised row sets when rows changed since they were made."""
-        epoch = (self.rows.n, self._rows_epoch)
+        """Drop memoised row sets when rows changed since they were made.
+
+        Rows change when they are added or die (``rows.n``, ``_rows_epoch``) and when a
+        checkpoint folds the delta into the index (``_checkpoint``, ``_indexed_rows``): a
+        memoised row set splits its rows at the indexed count and groups them by list.
+        """
+        epoch = (self.rows.n, self._rows_epoch, self._checkpoint, self._indexed_rows)
         if self._match_cache_epoch != epoch:
             self._match_cache.clear()
-            self._tenant_cache.clear()
-            self._tenant_postings = None
+            self._tenant_cache.clear()  # the tenant inverted index follows appends itself (tenants.py)
             self._match_cache_epoch = epoch
 
     def _matches(self, filter_spec: Any) -> _Matches:
@@ -127,6 +169,22 @@ class FilteredSearch:
             self._match_cache.move_to_end(key)
         return found
 
+    def _query_args(self, x: object, k: object, params: dict):
+        """:meth:`_search_args` with a shorter path for the common call: one float32 query of the
+        collection's dimension, an int ``k``, default parameters (same checks, same result).
+
+        A NaN or infinity in the query makes its squared norm non-finite, so that one dot
+        product stands in for the element-wise check; anything unusual takes the full path.
+        """
+        if (not params and type(k) is int and k > 0 and type(x) is np.ndarray and x.dtype == np.float32
+                and x.shape == (self.dim,)):
+            square = x.dot(x)
+            if np.isfinite(square) and square > 0:
+                if self.metric != "cosine":
+                    return np.ascontiguousarray(x[None, :]), k, _DEFAULT_SEARCH
+                return (x / float(np.sqrt(square)))[None, :], k, _DEFAULT_SEARCH
+        return self._search_args(x, k, params)
+
     def _search_filtered(self, xq: np.ndarray, k: int, sp, filter_spec: Any, explain: bool) -> SearchResult:
         return self._search_matches(xq, k, sp, self._matches(filter_spec), explain)
 
@@ -135,10 +193,8 @@ class FilteredSearch:
         matches = found.count
         candidates = k * max(sp.rerank, MIN_RERANK)
         exact_limit = max(EXACT_MIN, 8 * candidates)
-        indexed = self._indexed_rows
-        stats: dict[str, Any] = {"matches": matches, "selectivity": found.selectivity}
+        stats: dict[str, Any] = {"matches": matches, "selectivity": found.selectivity, "plan": "exact"}
         parts = []
-        stats["plan"] = "exact"
         if found.in_index.size:
             if self.index is None or matches <= exact_limit:
                 rows, vectors = found.in_index, self.vectors.resident
@@ -148,27 +204,89 @@ class FilteredSearch:
                     parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
             else:
                 stats["plan"] = "filtered_ivf"
-                if found.per_list is None:
-                    found.per_list = np.bincount(self.rows.row_list[found.in_index],
-                                                 minlength=self.index.directory.nlist).astype(np.int32)
-                coarse, lists = self.index.probe_filtered(xq, sp.nprobe, found.per_list,
-                                                          TARGET_FACTOR * candidates)
-                _, rows = self.index.scan(xq, coarse, lists, candidates, allowed=found.selection())
-                parts.append(self._rerank(xq, rows, k))  # always exact: the candidates are few
-                stats["lists_probed"] = int((lists >= 0).sum())
+                parts.append(self._filtered_ivf(xq, k, sp, found, candidates, stats))
         if found.delta.size and self._flat.ntotal:
             parts.append(self._flat_filtered(xq, k, found.delta))
         if explain:
             stats["explain"] = {"filter": str(found.predicate), "exact_limit": exact_limit, "candidates": candidates,
-                                "nprobe": sp.nprobe, "indexed_rows": indexed, "delta_rows": int(self._flat.ntotal)}
+                                "nprobe": sp.nprobe, "indexed_rows": self._indexed_rows,
+                                "delta_rows": int(self._flat.ntotal)}
         if not parts:
             return SearchResult(np.full((xq.shape[0], k), -1, np.int64),
                                 np.full((xq.shape[0], k), np.inf, np.float32), stats)
         distances, rows = merge_topk(parts, k)
         ids = self.rows.ids_full[rows]
         if self.metric == "cosine":
-            distances = distances + 1.0
-        return SearchResult(ids, distances.astype(np.float32, copy=False), stats)
+            distances += np.float32(1.0)  # every part is a fresh array
+        return SearchResult(ids, distances, stats)
+
+    def _filtered_ivf(self, xq: np.ndarray, k: int, sp, found: _Matches, candidates: int, stats: dict):
+        """Lists in centroid order until they hold enough matches; their matching rows scored.
+
+        A filter's rows: the scan reads its compacted lists (only its rows' codes, see
+        :meth:`_compact_lists`) when it has them, else the whole lists with a selector that
+        skips the other rows; either way the same candidates, reranked exactly. A tenant's
+        rows (no compacted lists: the tenant index keeps to its memory budget) spread thinly
+        over the lists are instead scored exactly where that costs less than the scan: the
+        rows each probed list stores, gathered from the tenant's per-list row sets (as
+        Curator scans a tenant's short lists), no codes and no rerank. Exact scoring sees the
+        same rows as the scan, so it finds at least what the scan and rerank would.
+        """
+        index = self.index
+        if found.per_list is None:
+            found.per_list = np.bincount(self.rows.row_list[found.in_index],
+                                         minlength=index.directory.nlist).astype(np.int32)
+        factor = TARGET_FACTOR if found.compactable else TENANT_TARGET_FACTOR
+        coarse, lists = index.probe_filtered(xq, sp.nprobe, found.per_list, factor * candidates)
+        stats["lists_probed"] = int((lists >= 0).sum())
+        found.searches += 1
+        compact = self._compact_lists(found) if found.compactable else None
+        if compact is not None:
+            stats["scoring"] = "compact_codes"
+            _, rows = compact.search_preassigned(xq, lists, coarse, candidates)
+            return self._rerank(xq, rows, k)
+        vectors = self.vectors.resident
+        if not found.compactable and vectors is not None and index.cache_bytes is None:
+            starts, by_list = found.by_list(index)
+            picked = lists[lists >= 0]
+            gathered = int((starts[picked + 1] - starts[picked]).sum())
+            if gathered * EXACT_ROW_COST < int(index.directory.count[picked].sum()):
+                stats["scoring"] = "exact"
+                return _exact_in_lists(xq, k, lists, starts, by_list, self._index_metric, vectors)
+        stats["scoring"] = "codes"
+        _, rows = index.scan(xq, coarse, lists, candidates, allowed=found.selection())
+        return self._rerank(xq, rows, k)  # always exact: the candidates are few
+
+    def _compact_lists(self, found: _Matches):
+        """The filter's compacted lists (:func:`compact_scanner`), built on its second search when
+        it keeps at most ``COMPACT_SELECTIVITY`` of the rows and the budget allows; else ``None``.
+
+        The budget (``COMPACT_BUDGET`` x the index's list bytes) covers every memoised
+        filter's compacted lists; the least recently used filters give theirs up first.
+        """
+        index = self.index
+        if found.compact is not None and found.compact[0] is index:
+            return found.compact[1]
+        if found.searches < 2 or found.selectivity > COMPACT_SELECTIVITY or index.cache_bytes is not None:
+            return None
+        budget = COMPACT_BUDGET * index.directory.total_bytes()
+        estimate = found.selectivity * index.directory.total_bytes()
+        held = [m for m in self._match_cache.values() if m.compact is not None and m is not found]
+        used = sum(m.compact[2] for m in held)
+        for older in held:  # least recently used first
+            if used + estimate <= budget:
+                break
+            used -= older.compact[2]
+            older.compact = None
+        if used + estimate > budget:
+            return None
+        mask = np.zeros(found.indexed, bool)
+        mask[found.in_index] = True
+        built = compact_scanner(index, mask)
+        if built is None:
+            return None
+        found.compact = (index, *built)
+        return built[0]
 
     def _rerank(self, xq: np.ndarray, rows: np.ndarray, k: int):
         vectors = self.vectors.resident
@@ -182,6 +300,53 @@ class FilteredSearch:
         rows = np.where(found >= 0, found + self._indexed_rows, -1)
         distances = scores if self._index_metric == "l2" else -scores
         return np.where(rows >= 0, distances, np.inf).astype(np.float32), rows
+
+
+def _rows_by_list(index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows with ``mask[row]`` that each active list of ``index`` stores: CSR over list slots.
+
+    Read from the scanner's resident lists (ids, replicas included; tombstones are not in
+    the mask): one pass over the lists when a tenant is first searched by this plan.
+    """
+    slots = index.directory.nlist
+    counts = np.zeros(slots + 1, np.int64)
+    parts = []
+    for list_no in index.active_lists.tolist():  # ascending, so the parts lie in slot order
+        ids = index.scanner.list_arrays(list_no)[0]
+        ids = ids[(ids >= 0) & (ids < mask.size)]
+        held = ids[mask[ids]]
+        counts[list_no + 1] = held.size
+        parts.append(held.astype(np.int32))
+    return np.cumsum(counts), np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def _exact_in_lists(xq: np.ndarray, k: int, lists: np.ndarray, starts: np.ndarray, by_list: np.ndarray,
+                    metric: str, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` per query among the rows its lists store (``-1`` lists skipped).
+
+    The rows of every (query, list) pair are gathered in one vectorised pass; a replicated
+    row met in two lists is scored once.
+    """
+    nq = xq.shape[0]
+    query_of, column = np.nonzero(lists >= 0)
+    slots = lists[query_of, column]
+    first = starts[slots]
+    lengths = starts[slots + 1] - first
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    gathered = by_list[np.arange(total) + np.repeat(first - (ends - lengths), lengths)].astype(np.int64)
+    if nq == 1:  # sort and drop repeats (cheaper than np.unique's hashing for a few thousand rows)
+        gathered.sort()
+        distinct = np.empty(total, bool)
+        distinct[:1] = True
+        np.not_equal(gathered[1:], gathered[:-1], out=distinct[1:])
+        return exact_rows(xq, gathered[distinct], k, metric=metric, vectors=vectors)
+    per_query = np.bincount(query_of, weights=lengths, minlength=nq).astype(np.int64)
+    width = max(int(per_query.max()), 1)
+    owner = np.repeat(np.arange(nq), per_query)
+    candidates = np.full((nq, width), -1, np.int64)
+    candidates[owner, np.arange(total) - (np.cumsum(per_query) - per_query)[owner]] = gathered
+    return rerank(xq, candidates, k, live=None, metric=metric, vectors=vectors)  # drops the repeats
 
 
 def _filter_key(filter_spec: Any) -> str | None:

@@ -10,11 +10,14 @@ tenants) and, per tenant, a short sorted list of its rows and the count of its r
 each list (Curator keeps per-node tenant Bloom filters and short per-tenant lists; with a
 two-level tree the exact per-list counts serve as both). A tenant's search walks only the
 lists that hold its rows, nearest first, until they hold enough of them
-(:meth:`SpannIndex.probe_filtered`), and the code scan scores only its rows; a small
-tenant is searched exactly. The per-tenant structures come from one inverted index of the
-hidden ``__tenants`` tag column (4 bytes a membership); they are built on a tenant's
-first query, kept in an LRU, and :meth:`Tenancy.offload_tenants` drops the cold ones
-(they come back on their next query).
+(:meth:`SpannIndex.probe_filtered`), and scores only its rows there: by the code scan, or,
+for a tenant spread thinly over the lists, exactly (its rows in each probed list, as
+Curator scans a tenant's short lists); a small tenant is searched exactly. The
+per-tenant structures come from one inverted index of the hidden ``__tenants`` tag
+column (4 bytes a membership), which follows appended rows instead of being rebuilt on
+every write (:class:`_TenantPostings`); they are built on a tenant's first query, kept
+in an LRU, and :meth:`Tenancy.offload_tenants` drops the cold ones (they come back on
+their next query).
 
 **Durability.** Memberships are a hidden tag attribute of each row, so every change goes
 through the write-ahead log like any upsert (a grant rewrites the row with its vector and
@@ -53,12 +56,72 @@ def check_tenant_name(name: object) -> str:
     return name
 
 
+class _TenantPostings:
+    """The tenant inverted index (tenant -> sorted rows), kept up to date as rows are appended.
+
+    Rows are only ever appended within a generation (an upsert writes a new row and kills
+    the old one; deaths are filtered with the live mask when a tenant's rows are read), so
+    the index is extended rather than rebuilt on every write: ``base`` indexes the rows
+    up to ``base_rows``, ``recent`` the rows appended since, refolded into ``base`` once it
+    holds an eighth as many memberships. A new generation (a build renumbers the rows)
+    rebuilds it.
+    """
+
+    def __init__(self, columns, generation: int) -> None:
+        self.generation = generation
+        self._fold(columns)
+
+    def _fold(self, columns) -> None:
+        """Index every row of ``columns`` as the base (one sort of all memberships)."""
+        self.base = columns.postings(TENANTS)
+        self.base_rows = self.rows = len(columns)
+        self.recent = None
+
+    def extend(self, columns) -> None:
+        """Take in the rows appended since (``columns`` covers every row)."""
+        if len(columns) == self.rows:
+            return
+        recent = columns.postings(TENANTS, start=self.base_rows)
+        if recent[2].size * 8 > self.base[2].size:
+            self._fold(columns)
+        else:
+            self.recent, self.rows = recent, len(columns)
+
+    def rows_of(self, name: str) -> np.ndarray:
+        """Rows that hold (or held) ``name``, ascending, int64 (dead rows included)."""
+        parts = []
+        for words, starts, rows in (self.base, self.recent) if self.recent is not None else (self.base,):
+            code = words.get(name)
+            if code is not None and code + 1 < starts.size and starts[code + 1] > starts[code]:
+                parts.append(rows[starts[code]:starts[code + 1]])
+        if not parts:
+            return np.zeros(0, np.int64)
+        return (np.concatenate(parts) if len(parts) > 1 else parts[0]).astype(np.int64)
+
+    def names(self) -> set[str]:
+        """Every tenant name indexed (with or without live rows)."""
+        names = set(self.base[0])
+        return names | set(self.recent[0]) if self.recent is not None else names
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for words, starts, rows in (self.base, self.recent) if self.recent is not None else (self.base,):
+            total += rows.nbytes + starts.nbytes
+        return total + sum(len(w) + 60 for w in self.base[0])
+
+
 class TenantHandle:
     """One tenant's view of a collection; see the module docstring."""
 
     def __init__(self, collection, name: str) -> None:
         self._collection = collection
-        self.name = check_tenant_name(name)
+        self._name = check_tenant_name(name)
+
+    @property
+    def name(self) -> str:
+        """The tenant's name (checked once, when the handle is made)."""
+        return self._name
 
     def __repr__(self) -> str:
         return f"<TenantHandle {self.name!r} of {self._collection.name!r}>"
@@ -70,7 +133,7 @@ class TenantHandle:
     def search(self, x: object, k: int = 10, *, filter: Mapping | None = None, explain: bool = False,
                **params: Any) -> SearchResult:
         """As :meth:`Collection.search`, over this tenant's rows only (an unknown tenant finds nothing)."""
-        return self._collection._tenant_search(self.name, x, k, filter, explain, params)
+        return self._collection._tenant_search(self._name, x, k, filter, explain, params, checked=True)
 
     def delete(self, ids: object) -> int:
         """Remove this tenant's access to ``ids``; rows no other tenant holds are deleted. Returns how many."""
@@ -93,9 +156,9 @@ class Tenancy:
         """Names of the tenants holding at least one live row, sorted."""
         with self._lock:
             self._check_open()
-            words, starts, rows = self._postings()
+            postings = self._postings()
             live = self.rows.live
-            return sorted(w for w, c in words.items() if live[rows[starts[c]:starts[c + 1]]].any())
+            return sorted(name for name in postings.names() if live[postings.rows_of(name)].any())
 
     def grant(self, ids: object, tenant: str) -> int:
         """Let ``tenant`` see the existing vectors ``ids`` too; returns how many changed."""
@@ -131,11 +194,12 @@ class Tenancy:
         """Tenants, memberships and the memory of the tenant index (inverted index + cached row sets)."""
         with self._lock:
             self._check_open()
-            words, starts, rows = self._postings()
+            postings = self._postings()
             cached = sum(m.nbytes for m in self._tenant_cache.values())
-            inverted = rows.nbytes + starts.nbytes + sum(len(w) + 60 for w in words)
+            inverted = postings.nbytes
             column = self._attribute_columns().column_nbytes(TENANTS)
-            live = int(np.count_nonzero(self.rows.live[rows])) if rows.size else 0
+            held = [part[2] for part in (postings.base, postings.recent) if part is not None]
+            live = sum(int(np.count_nonzero(self.rows.live[rows])) for rows in held)
             return {"tenants": len(self.tenants()), "memberships": live, "cached_tenants": len(self._tenant_cache),
                     "tenant_index_bytes": inverted + cached + column, "inverted_bytes": inverted,
                     "cached_bytes": cached, "column_bytes": column}
@@ -151,19 +215,20 @@ class Tenancy:
             return dropped
 
     # ------------------------------------------------------------------ internals
-    def _postings(self):
+    def _postings(self) -> _TenantPostings:
+        """The tenant inverted index, extended with rows appended since it was last read."""
         self._fresh_caches()
-        if self._tenant_postings is None:
-            self._tenant_postings = self._attribute_columns().postings(TENANTS)
-        return self._tenant_postings
+        columns = self._attribute_columns()
+        postings = self._tenant_postings
+        if postings is None or postings.generation != self._gen or postings.rows > len(columns):
+            postings = self._tenant_postings = _TenantPostings(columns, self._gen)
+        else:
+            postings.extend(columns)
+        return postings
 
     def _tenant_rows(self, name: str) -> np.ndarray:
         """Live rows ``name`` holds, sorted (empty for an unknown tenant)."""
-        words, starts, rows = self._postings()
-        code = words.get(name)
-        if code is None:
-            return np.zeros(0, np.int64)
-        held = rows[starts[code]:starts[code + 1]].astype(np.int64)
+        held = self._postings().rows_of(name)
         return held[self.rows.live[held]]
 
     def _require_tenant(self, name: str) -> np.ndarray:
@@ -186,15 +251,17 @@ class Tenancy:
         if filter_spec is not None and rows.size:
             rows = rows[predicate.evaluate(self._attribute_columns(), rows)]
         found = _Matches(predicate, rows, self._indexed_rows, self.rows.count())
+        found.compactable = False
         if cacheable:
             self._tenant_cache[key] = found
             while len(self._tenant_cache) > _TENANT_CACHE:
                 self._tenant_cache.popitem(last=False)
         return found
 
-    def _tenant_search(self, name, x, k, filter_spec, explain, params) -> SearchResult:
-        name = check_tenant_name(name)
-        xq, k, sp = self._search_args(x, k, params)
+    def _tenant_search(self, name, x, k, filter_spec, explain, params, checked: bool = False) -> SearchResult:
+        if not checked:
+            name = check_tenant_name(name)
+        xq, k, sp = self._query_args(x, k, params)
         with self._lock:
             self._check_open()
             result = self._search_matches(xq, k, sp, self._tenant_matches(name, filter_spec), explain)

@@ -483,16 +483,22 @@ class AttributeColumns:
         words = getattr(column, "vocabulary", {})
         return sum(a.nbytes for a in column.arrays().values()) + sum(len(w) + 60 for w in words)
 
-    def postings(self, name: str) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
+    def postings(self, name: str, start: int = 0) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
         """The inverted index of a ``keywords`` column: ``(word -> code, starts, rows)``.
 
         The rows holding word code ``c`` are ``rows[starts[c]:starts[c + 1]]``, ascending
         (int32). One sort of the column's codes; the tenant index is built this way.
+        ``start``: index only rows ``start`` onwards (row numbers stay absolute), so an
+        index of the older rows can be extended by the appended ones.
         """
         column = self._column(name, "keywords")
-        row_of = np.repeat(np.arange(self._rows, dtype=np.int32), np.diff(column.offsets))
-        order = np.argsort(column.codes, kind="stable")
-        starts = np.searchsorted(column.codes[order], np.arange(len(column.vocabulary) + 1))
+        if not 0 <= start <= self._rows:
+            raise InvalidArgument(f"start must be from 0 to {self._rows}, got {start}")
+        first = int(column.offsets[start])
+        codes = column.codes[first:]
+        row_of = np.repeat(np.arange(start, self._rows, dtype=np.int32), np.diff(column.offsets[start:]))
+        order = np.argsort(codes, kind="stable")
+        starts = np.searchsorted(codes[order], np.arange(len(column.vocabulary) + 1))
         return dict(column.vocabulary), starts, row_of[order]
 
     @property

@@ -92,24 +92,30 @@ def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray | None,
 
 def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
                vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` among the same sorted, distinct, live ``rows`` for every query (resident vectors).
+    """Exact top-``k`` among the same distinct, live ``rows`` for every query (resident vectors).
 
     The lean form of :func:`rerank` for a filter's or a tenant's few rows: no sort, no
-    duplicate or tombstone check, one faiss ``knn_*_by_idx`` call.
+    duplicate or tombstone check, one faiss ``knn_*_by_idx`` call (one query reads
+    ``rows`` in place). Rows past ``len(rows)`` are padded with -1 / inf.
     """
     nq, width = xq.shape[0], rows.size
+    if rows.dtype != np.int64 or not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+    idx = rows.reshape(1, width) if nq == 1 else np.ascontiguousarray(np.broadcast_to(rows, (nq, width)))
     kk = min(k, width)
-    idx = np.ascontiguousarray(np.broadcast_to(rows.astype(np.int64, copy=False), (nq, width)))
-    distances = np.empty((nq, kk), dtype=np.float32)
-    found = np.empty((nq, kk), dtype=np.int64)
-    kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
-    kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(idx), xq.shape[1], nq, vectors.shape[0],
-           width, kk, faiss.swig_ptr(distances), faiss.swig_ptr(found), width)
-    if metric != "l2":
-        np.negative(distances, out=distances)
-    if kk < k:
-        distances = np.pad(distances, ((0, 0), (0, k - kk)), constant_values=np.inf)
-        found = np.pad(found, ((0, 0), (0, k - kk)), constant_values=-1)
+    if kk == k:  # the usual case: the kernel fills the outputs
+        distances, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+    else:
+        distances, found = np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    if kk:
+        out_d, out_i = (distances, found) if kk == k else (np.empty((nq, kk), np.float32), np.empty((nq, kk), np.int64))
+        kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
+        kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(idx), xq.shape[1], nq,
+               vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
+        if metric != "l2":
+            np.negative(out_d, out=out_d)
+        if kk < k:
+            distances[:, :kk], found[:, :kk] = out_d, out_i
     return distances, found
 
 

@@ -294,14 +294,17 @@ class SpannIndex(ListUpdates):
         I/O). Each query takes its lists in centroid order, skips lists without a match,
         and stops at the first prefix whose matches reach ``target`` (and never before
         ``nprobe`` lists): one pass, yet at least ``min(target, all matches)`` candidates
-        (SQUASH's guarantee). The coarse search looks at ``nprobe`` lists (8 times more
-        when the matches are too sparse for that on average), widening 8-fold up to every
+        (SQUASH's guarantee). The coarse search looks at ``nprobe`` lists, or, when the
+        matches are too sparse for that on average, at 8 times more or twice the lists that
+        hold ``target`` matches on average (whichever is more), widening 8-fold up to every
         active list until the lists seen hold enough.
         """
         active = self.active_lists.size
         width = min(active, nprobe)
-        if matches.sum() * nprobe < target * active:  # too few matches near any query on average
-            width = min(active, 8 * nprobe)
+        total = int(matches.sum())
+        if total * nprobe < target * active:  # too few matches near any query on average
+            # twice the lists that hold ``target`` matches on average: usually one coarse search
+            width = min(active, max(8 * nprobe, -(-2 * target * active // max(total, 1))))
         while True:
             coarse, lists = coarse_search(self._slot_coarse, xq, width)
             counts = matches[lists]  # every slot returned is active (width <= active lists)
