@@ -41,17 +41,27 @@ class Checkpoints:
             if self.rows.n > self.vectors.rows:
                 new_x = np.concatenate(self._delta_x)
                 self.vectors.append(new_x, self._delta_attrs if any(a is not None for a in self._delta_attrs) else None)
-            if self.index is not None:
-                new_rows = np.arange(self._indexed_rows, self.rows.n, dtype=np.int64)
-                new_x = self.vectors.read_rows(new_rows) if new_rows.size else np.zeros((0, self.dim), np.float32)
-                dead = np.unique(np.concatenate(self._dead_indexed)) if self._dead_indexed else np.zeros(0, np.int64)
-                stats = self.index.update(new_rows, new_x, dead, self.rows._list, self.rows.live_full,
-                                          self.vectors.read_rows)
-                self._indexed_rows = self.rows.n
-            elif self.rows.count() >= self.auto_index_rows:
+                # Stored now: a commit that fails below must not make the next flush store them again.
+                self._delta_x, self._delta_attrs = [], []
+            if self.index is None and self.rows.count() >= self.auto_index_rows:
                 self._build(self._index_params or IndexParams(), lsn)
                 return
-            self._commit(lsn)
+            try:
+                if self.index is not None:
+                    new_rows = np.arange(self._indexed_rows, self.rows.n, dtype=np.int64)
+                    new_x = self.vectors.read_rows(new_rows) if new_rows.size else np.zeros((0, self.dim), np.float32)
+                    dead = (np.unique(np.concatenate(self._dead_indexed)) if self._dead_indexed
+                            else np.zeros(0, np.int64))
+                    stats = self.index.update(new_rows, new_x, dead, self.rows._list, self.rows.live_full,
+                                              self.vectors.read_rows)
+                    self._indexed_rows = self.rows.n
+                self._commit(lsn)
+            except Exception:
+                # A failed write (S3 down, say) after memory moved on: rebuild the search state
+                # from what memory now holds; the WAL still covers everything, so the next
+                # flush (or a reopen) commits it.
+                self._reset_delta()
+                raise
             self._last_update = stats
 
     def _commit(self, lsn: int) -> None:

@@ -27,6 +27,7 @@ filtered plans of :mod:`._filtered` (attribute columns, exact or widened filtere
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..errors import InvalidArgument, InvalidType, NotFound, StoreClosed
+from ..errors import InvalidArgument, InvalidType, NotFound, StoreClosed, TierstoreError
 from ..index.filters import AttributeColumns
 from ..index.params import IndexParams, SearchParams
 from ..index.rerank import merge_topk, rerank, top_unique
@@ -58,6 +59,8 @@ METRICS = ("l2", "ip", "cosine")
 ATTRIBUTE_TYPES = ("int", "float", "keyword", "keywords", "bool")
 _SEARCH_KEYS = {"nprobe", "prune_ratio", "rerank"}
 
+
+_logger = logging.getLogger(__name__)
 
 def check_settings(dim: object, metric: object, attributes: object) -> dict:
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
@@ -241,8 +244,17 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             self._wal.append(record)
             self._apply_upsert(record)
             if len(self._delta_x) and self._pending() >= self.flush_rows:
-                self.flush()
+                self._checkpoint_after_write()
             return len(record)
+
+    def _checkpoint_after_write(self) -> None:
+        """The checkpoint a write triggers. The write is durable in the WAL already, so a
+        checkpoint that fails (S3 unavailable, say) is logged and retried by the next write,
+        :meth:`flush` or :meth:`close`, rather than failing a write that succeeded."""
+        try:
+            self.flush()
+        except TierstoreError as exc:
+            _logger.warning("checkpoint of collection %r deferred: %s", self.name, exc)
 
     def _check_attributes(self, attributes, internal: bool = False) -> None:
         if attributes is None:

@@ -11,6 +11,16 @@ the centroids, the posting directory and at most that many bytes of recently pro
 lists, and reads reranking vectors from the tier per query (the tiered mode: memory
 far below the size of the vectors).
 
+``s3_options`` tune the S3 tier: ``connect_timeout``, ``read_timeout`` (seconds per
+attempt), ``max_attempts`` (botocore retries, with backoff, on 5xx, SlowDown, resets and
+timeouts), ``retry_mode``, ``max_concurrency``, ``multipart_threshold``, ``part_size``,
+``region_name``, ``conditional_writes``. A call's worst case is about
+``max_attempts x (connect_timeout + read_timeout)`` plus backoff.
+
+``gpu_cache=<bytes>`` keeps recently loaded KV chunks in GPU memory (``gpu_device``,
+default CUDA when available) for the database's KV stores: a chunk loaded again to that
+device is one device-to-device copy (:mod:`tierstore.store.kvcache.device_cache`).
+
 ``scan_device="cuda"`` (torch) keeps the held posting lists decoded in GPU memory and
 scans them there (:mod:`tierstore.index.quant.torch_scanner`); quantizers ``sq8``,
 ``sq4`` and ``pq4fs``.
@@ -33,14 +43,25 @@ if TYPE_CHECKING:
 __all__ = ["Database", "Client", "connect"]
 
 
-def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map_size: int) -> tuple[BaseTier, int]:
+_S3_OPTIONS = ("connect_timeout", "read_timeout", "max_attempts", "retry_mode", "max_concurrency",
+               "multipart_threshold", "part_size", "region_name", "conditional_writes")
+
+
+def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map_size: int,
+               s3_options: dict | None) -> tuple[BaseTier, int]:
+    if s3_options is not None and not uri.startswith("s3://"):
+        raise ConfigError(f"s3_options apply to s3:// URIs, not {uri!r}")
     if uri.startswith("s3://"):
         from ..tiers.s3 import S3Tier
 
         bucket, _, prefix = uri[5:].partition("/")
         if not bucket:
             raise ConfigError(f"an S3 URI needs a bucket: s3://bucket/prefix, got {uri!r}")
-        tier: BaseTier = S3Tier(bucket, prefix.strip("/"), endpoint_url=endpoint_url, max_concurrency=64)
+        options = {"max_concurrency": 64, **(s3_options or {})}
+        unknown = set(options) - set(_S3_OPTIONS)
+        if unknown:
+            raise ConfigError(f"unknown s3_options {sorted(unknown)}; use {list(_S3_OPTIONS)}")
+        tier: BaseTier = S3Tier(bucket, prefix.strip("/"), endpoint_url=endpoint_url, **options)
         if cache_dir is not None:
             from ..tiers.file import FileTier
             from ..tiers.hierarchy import TieredStore
@@ -60,7 +81,9 @@ class Database:
 
     def __init__(self, uri: str | os.PathLike, *, endpoint_url: str | None = None, cache_dir: str | None = None,
                  memory_cache: int | None = None, flush_rows: int = 50_000, auto_index_rows: int = 20_000,
-                 map_size: int = 1 << 30, tier: BaseTier | None = None, scan_device: str | None = None) -> None:
+                 map_size: int = 1 << 30, tier: BaseTier | None = None, scan_device: str | None = None,
+                 s3_options: dict[str, Any] | None = None, gpu_cache: int | None = None,
+                 gpu_device: Any = None) -> None:
         if memory_cache is not None and (isinstance(memory_cache, bool) or not isinstance(memory_cache, int)
                                          or memory_cache < 0):
             raise InvalidArgument(f"memory_cache must be None or a byte count >= 0, got {memory_cache!r}")
@@ -72,13 +95,14 @@ class Database:
             if not isinstance(self.uri, str):
                 raise InvalidType(f"uri must be a path or an s3:// URI, got {uri!r}")
             tier, self.coalesce_gap = _open_tier(self.uri, endpoint_url=endpoint_url, cache_dir=cache_dir,
-                                                 map_size=map_size)
+                                                 map_size=map_size, s3_options=s3_options)
             self._owns_tier = True
         else:
             self.coalesce_gap = 0
             self._owns_tier = False
         self.tier = tier
         self.memory_cache = memory_cache
+        self.gpu_cache, self.gpu_device = gpu_cache, gpu_device
         self.scan_device = scan_device
         self.flush_rows = flush_rows
         self.auto_index_rows = auto_index_rows
@@ -179,13 +203,16 @@ class Database:
         RoPE). ``codec``: ``"fp16"``, ``"bf16"``, ``"int8"``, ``"int4"``, ``"int2"``,
         ``"mixed"`` (or a codec object). Options: ``mode`` (``"prefix"`` / ``"content"``),
         ``codec_options``, ``dtype``, ``layers``, ``kv_heads``, ``head_dim``,
-        ``memory_cache`` (bytes held in memory, cost-aware eviction), ``rope``. See
+        ``memory_cache`` (bytes held in memory, cost-aware eviction), ``gpu_cache`` (bytes held on the GPU), ``rope``. See
         :class:`tierstore.store.kvcache.KVCacheStore`. Closed with the database.
         """
         from ..store.kvcache.store import KVCacheStore
 
         with self._lock:
             self._check_open()
+            if self.gpu_cache is not None:
+                options.setdefault("gpu_cache", self.gpu_cache)
+                options.setdefault("gpu_device", self.gpu_device)
             store = KVCacheStore(self.tier, model=model, revision=revision, codec=codec, chunk_tokens=chunk_tokens,
                                  **options)
             self._kv_stores.append(store)

@@ -11,12 +11,15 @@ arrives truncated is read again and never returned as data.
 from __future__ import annotations
 
 import functools
+import http.client
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
+import urllib3.exceptions
 from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, FlexibleChecksumError, IncompleteReadError,
                                  ResponseStreamingError)
@@ -26,6 +29,9 @@ from ._s3_errors import BadBody, ErrorTranslator, NoConditionalWrites, Replaced,
 from ._s3_transfer import MIN_PART_SIZE, ViewReader, cancel, content_range, gather, submit, upload_multipart
 from .base import BaseTier
 from .keys import validate_key
+
+# transport failures that can escape botocore (while it reads an error response's body)
+_TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError)
 
 __all__ = ["S3Tier"]
 
@@ -203,13 +209,26 @@ class S3Tier(BaseTier):
 
     # ----------------------------------------------------------------- requests
     def _call(self, op: str, key: str | None = None, **params):
-        """One boto3 call on this tier's bucket (and ``key``), its errors translated."""
+        """One boto3 call on this tier's bucket (and ``key``), its errors translated.
+
+        botocore retries what it recognises; a connection broken while it reads an
+        error response escapes it as a raw urllib3 / http.client error, so such a call
+        is retried here too (``max_attempts`` in all, with backoff), then reported as
+        :class:`TierUnavailable`.
+        """
         if key is not None:
             params["Key"] = self._root + key
-        try:
-            return getattr(self._client(), op)(Bucket=self.bucket, **params)
-        except (ClientError, BotoCoreError) as exc:
-            raise self._translate(exc, op, key, params) from exc
+        for attempt in range(self.max_attempts):
+            try:
+                return getattr(self._client(), op)(Bucket=self.bucket, **params)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._translate(exc, op, key, params) from exc
+            except _TRANSPORT_ERRORS as exc:
+                failure = exc
+                if attempt + 1 < self.max_attempts:
+                    time.sleep(min(0.05 * 2 ** attempt, 1.0))
+        raise TierUnavailable(f"S3 {op} on {self._errors.where(key)} lost its connection {self.max_attempts} times "
+                              f"({failure!r}); check the endpoint and any proxy in front of it") from failure
 
     def _translate(self, exc: Exception, op: str, key: str | None, params: dict) -> Exception:
         return self._errors.translate(exc, op, key, params, region=lambda: self._client().meta.region_name)
