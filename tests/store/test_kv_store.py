@@ -335,3 +335,45 @@ def test_mixed_codec_keeps_the_salient_tokens_exact(tmp_path):
             assert not torch.equal(k, k0)
         with pytest.raises(InvalidArgument, match="saliency"):
             store.put(tokens_of(100, seed=9), kv, saliency=torch.zeros(7))
+
+
+def test_gpu_cache_serves_repeat_loads_from_the_device(tmp_path):
+    """gpu_cache keeps verified payloads on the device (the CPU device here: the logic is the
+    same on CUDA): a repeat load reads nothing from the tier, returns exact tensors that do not
+    alias the cache, and the budget evicts least recently used chunks."""
+    with tierstore.connect(tmp_path, gpu_cache=3 * 16 * 2 * 2 * 8 * 2 * 2 + 4096, gpu_device="cpu") as db:
+        kv = db.kv_cache("org/m", "r1", codec="fp16", chunk_tokens=16)
+        tokens = list(range(48))  # three chunks
+        layers = [(torch.randn(2, 48, 8, dtype=torch.float16), torch.randn(2, 48, 8, dtype=torch.float16))
+                  for _ in range(2)]
+        kv.put(tokens, layers)
+        first = kv.get(tokens, device="cpu")
+        read = kv.stats()["chunks_read"]
+        assert read == 3 and kv.stats()["gpu_cache"]["chunks"] == 3
+        again = kv.get(tokens, device="cpu")
+        assert kv.stats()["chunks_read"] == read  # served from the device cache
+        assert kv.stats()["gpu_cache"]["hits"] == 3
+        for (k, v), (k0, v0), (k1, v1) in zip(layers, first, again):
+            assert torch.equal(k, k0) and torch.equal(v, v0) and torch.equal(k, k1) and torch.equal(v, v1)
+        again[0][0].zero_()  # the caller's tensors are its own
+        assert torch.equal(kv.get(tokens, device="cpu")[0][0], layers[0][0])
+        assert kv.get(tokens)[0][0].data_ptr() != 0  # a load without device= bypasses the cache
+        other = list(range(1000, 1048))
+        kv.put(other, layers)
+        kv.get(other, device="cpu")  # three more chunks: the budget holds about three
+        stats = kv.stats()["gpu_cache"]
+        assert stats["bytes"] <= stats["capacity_bytes"] and stats["evictions"] == 6 - stats["chunks"] >= 1
+        read = kv.stats()["chunks_read"]
+        kv.get(tokens, device="cpu")  # least recently used: the first chunks went first
+        assert kv.stats()["chunks_read"] > read
+        kv.delete(other)
+        assert kv.get(other, device="cpu") is None and kv.stats()["gpu_cache"]["chunks"] <= 3
+
+
+def test_gpu_cache_needs_a_usable_device(tmp_path):
+    with tierstore.connect(tmp_path, gpu_cache=1 << 20, gpu_device="meta") as db:
+        with pytest.raises(ConfigError):
+            db.kv_cache("org/m", "r1")
+    with tierstore.connect(tmp_path, gpu_cache=0) as db:
+        with pytest.raises(InvalidArgument):
+            db.kv_cache("org/m", "r1")

@@ -40,7 +40,7 @@ from ...errors import CorruptData, InvalidArgument, TierstoreError
 from ..blob import BlobHeader, decode_blob, encode_blob, read_header, verify_section
 from .codecs import _STORED_DTYPES, _INPUT_DTYPES, KV_FORMAT_VERSION, EncodedLayer, KVCodec, _tdtype, get_codec
 
-__all__ = ["ChunkHeader", "chunk_header", "encode_chunk", "decode_chunk", "read_chunk_header", "layer_range",
+__all__ = ["ChunkHeader", "chunk_header", "encode_chunk", "decode_chunk", "chunk_payload", "decode_payload", "read_chunk_header", "layer_range",
            "decode_layers", "verify_layer", "tensor_offsets"]
 
 _KIND = "kv_chunk"
@@ -258,6 +258,27 @@ def decode_layers(header: ChunkHeader, sections: Sequence[object], *, device=Non
     return _decode(header, _layer_tensors(header, views), device, dtype)
 
 
+def chunk_payload(data: object, *, source: str | None = None, borrow: bool = False) -> tuple[ChunkHeader, Any]:
+    """Verify a whole chunk blob: its header and its payload as one uint8 tensor (on the CPU;
+    viewed in place when ``borrow``, else copied once). Raises :class:`CorruptData`."""
+    blob = decode_blob(data, source=source)
+    return chunk_header(blob.info, source), _as_tensor(blob.payload, borrow)
+
+
+def decode_payload(header: ChunkHeader, payload: Any, *, dtype=None) -> list[tuple[Any, Any]]:
+    """Every layer's ``(key, value)`` from a verified payload tensor, decoded on the payload's
+    device (lossless codecs return views of ``payload``)."""
+    base = header.info.header_end
+    starts = [header.info.sections[str(i)].offset - base for i in range(header.layers)]
+    stride = starts[1] - starts[0] if header.layers > 1 else 0
+    if all(start == starts[0] + i * stride for i, start in enumerate(starts)):
+        tensors = _strided_layer_tensors(header, payload, starts[0], stride)
+    else:
+        length = header.info.sections["0"].length
+        tensors = _layer_tensors(header, [payload[start:start + length] for start in starts])
+    return _decode(header, tensors, None, dtype)
+
+
 def decode_chunk(data: object, *, source: str | None = None, device=None, dtype=None,
                  borrow: bool = False) -> tuple[ChunkHeader, list[tuple[Any, Any]]]:
     """Verify a whole chunk blob and decode every layer: ``(header, [(key, value), ...])``.
@@ -267,19 +288,9 @@ def decode_chunk(data: object, *, source: str | None = None, device=None, dtype=
     nobody else holds); otherwise it is copied once. Raises :class:`CorruptData` for
     any damage.
     """
-    blob = decode_blob(data, source=source)
-    header = chunk_header(blob.info, source)
-    payload = _as_tensor(blob.payload, borrow)
+    header, payload = chunk_payload(data, source=source, borrow=borrow)
     if device is not None:
         # One transfer of the whole payload, then views on the device: far faster than a
         # copy per tensor per layer (thousands of small host-to-device copies).
-        payload, device = payload.to(device), None
-    base = header.info.header_end
-    starts = [header.info.sections[str(i)].offset - base for i in range(header.layers)]
-    stride = starts[1] - starts[0] if header.layers > 1 else 0
-    if all(start == starts[0] + i * stride for i, start in enumerate(starts)):
-        tensors = _strided_layer_tensors(header, payload, starts[0], stride)
-    else:
-        length = header.info.sections["0"].length
-        tensors = _layer_tensors(header, [payload[start:start + length] for start in starts])
-    return header, _decode(header, tensors, device, dtype)
+        payload = payload.to(device)
+    return header, decode_payload(header, payload, dtype=dtype)

@@ -58,7 +58,9 @@ from ...errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, 
 from ...tiers.base import BaseTier
 from ..blob import fetch_header
 from . import hf
-from .chunks import ChunkHeader, chunk_header, decode_chunk, decode_layers, encode_chunk, layer_range, verify_layer
+from .chunks import (ChunkHeader, chunk_header, chunk_payload, decode_chunk, decode_layers, decode_payload, encode_chunk,
+                     layer_range, verify_layer)
+from .device_cache import DeviceChunkCache
 from .codecs import _INPUT_DTYPES, KVCodec, _dtype_name, get_codec
 from .keys import KVLayout, check_tokens, checked_content_key, checked_prefix_keys, chunk_spans
 
@@ -91,6 +93,9 @@ class KVCacheStore:
     :param mode: ``"prefix"`` or ``"content"``.
     :param dtype, layers, kv_heads, head_dim: the layout (see the module docstring).
     :param memory_cache: bytes of chunks kept in memory (cost-aware eviction), or None.
+    :param gpu_cache: bytes of verified chunk payloads kept on ``gpu_device`` (default: CUDA
+        when available), so loads to that device skip the host read, the transfer and the
+        checksum (:mod:`~tierstore.store.kvcache.device_cache`); or None.
     :param rope: a :class:`~tierstore.store.kvcache.rope.RopeSpec` for re-rotating keys
         in content mode (taken from ``model`` when that is a transformers model).
     """
@@ -99,7 +104,7 @@ class KVCacheStore:
                  chunk_tokens: int = 256, mode: str = "prefix", codec_options: dict | None = None,
                  dtype: Any = None, layers: int | None = None, kv_heads: int | None = None,
                  head_dim: int | None = None, memory_cache: int | None = None, rope: Any = None,
-                 max_workers: int = 8) -> None:
+                 max_workers: int = 8, gpu_cache: int | None = None, gpu_device: Any = None) -> None:
         if not isinstance(tier, BaseTier):
             raise InvalidType(f"tier must be a tierstore tier, got {type(tier).__name__}")
         if mode not in MODES:
@@ -134,6 +139,7 @@ class KVCacheStore:
             self._layout = self._make_layout(self._given)
         self._base_tier = tier
         self.tier = self._with_memory_cache(tier, memory_cache)
+        self._device_cache = None if gpu_cache is None else DeviceChunkCache(gpu_cache, gpu_device)
         self._borrow = _owns_reads(self.tier)
         # Two pools: calls (batches, async twins) run in one, the tier reads and writes
         # they fan out run in the other, so a batch never waits on its own queue.
@@ -407,6 +413,8 @@ class KVCacheStore:
         return list(layers)
 
     def _read_whole(self, keys: list[str], device, dtype):
+        if self._device_cache is not None and self._device_cache.serves(device):
+            return self._read_through_device(keys, dtype)
         t0 = time.perf_counter()
         blobs = self.tier.get_many(keys) if len(keys) > 1 else [self._get_or_none(keys[0])]
         t1 = time.perf_counter()
@@ -419,6 +427,30 @@ class KVCacheStore:
             chunks.append(pairs)
         with self._lock:
             self._counters["chunks_read"] += len(keys)
+            self._counters["bytes_read"] += sum(len(b) for b in blobs)
+            self._counters["read_s"] += t1 - t0
+        return headers, chunks
+
+    def _read_through_device(self, keys: list[str], dtype):
+        """Whole chunks for a load to the cache's device: hits are copied on the device,
+        misses read, verified and admitted."""
+        t0 = time.perf_counter()
+        found = {key: self._device_cache.get(key) for key in keys}
+        missing = [key for key, entry in found.items() if entry is None]
+        blobs = self.tier.get_many(missing) if len(missing) > 1 else [self._get_or_none(k) for k in missing]
+        t1 = time.perf_counter()
+        if any(b is None for b in blobs):
+            return None
+        for key, blob in zip(missing, blobs):
+            header, payload = chunk_payload(blob, source=key, borrow=self._borrow)
+            found[key] = (header, self._device_cache.put(key, header, payload))
+        headers, chunks = [], []
+        for key in keys:
+            header, payload = found[key]
+            headers.append(header)
+            chunks.append(decode_payload(header, payload, dtype=dtype))
+        with self._lock:
+            self._counters["chunks_read"] += len(missing)
             self._counters["bytes_read"] += sum(len(b) for b in blobs)
             self._counters["read_s"] += t1 - t0
         return headers, chunks
@@ -497,6 +529,9 @@ class KVCacheStore:
         with self._lock:
             for key in keys:
                 self._headers.pop(key, None)
+        if self._device_cache is not None:
+            for key in keys:
+                self._device_cache.discard(key)
         return sum(self._io.map(self.tier.delete, keys))
 
     def put_many(self, items: Iterable[tuple[object, Any]], **options: Any) -> list[int]:
@@ -517,7 +552,8 @@ class KVCacheStore:
                 "layout": None if layout is None else {f: getattr(layout, f) for f in ("dtype", "layers", "kv_heads",
                                                                                         "head_dim")},
                 **counters, "hit_rate": counters["hits"] / counters["gets"] if counters["gets"] else 0.0,
-                "tier": _stats_dict(self.tier.stats())}
+                "tier": _stats_dict(self.tier.stats()),
+                "gpu_cache": None if self._device_cache is None else self._device_cache.stats()}
 
     def close(self) -> None:
         """Release the thread pool and the memory level (the database's tier stays open). Idempotent."""
@@ -526,6 +562,8 @@ class KVCacheStore:
         self._closed = True
         self._pool.shutdown(wait=True)
         self._io.shutdown(wait=True)
+        if self._device_cache is not None:
+            self._device_cache.clear()
         if self.tier is not self._base_tier:
             self.tier.close()
 
