@@ -164,3 +164,23 @@ class Candidates:
         return cls(counts.astype(np.int32), decode_array(obj["distances"], "<f4", "distances", total).copy(),
                    decode_array(obj["rows"], "<i8", "rows", total).astype(np.int64),
                    decode_array(obj["cut"], "<f4", "cut", nq).copy())
+
+
+def gather_children(calls, takes) -> tuple[list[tuple[Candidates, np.ndarray]], list[dict], list[int]]:
+    """What the children of one node (or of the coordinator) answered: their candidates with
+    the query positions each covered (``takes``), their per-node statistics (round trip and
+    attempts added to the child's own entry) and the partitions they report as failed."""
+    sources: list[tuple[Candidates, np.ndarray]] = []
+    nodes: list[dict] = []
+    failed: list[int] = []
+    for call, take in zip(calls, takes):
+        if call.response is None:
+            continue
+        sources.append((Candidates.from_json(call.response, int(take.size)), take))
+        child_nodes = call.response.get("stats", {}).get("nodes", [])
+        if child_nodes:
+            child_nodes[0]["rtt_ms"] = call.rtt_ms
+            child_nodes[0]["attempts"] = call.attempts
+        nodes.extend(child_nodes)
+        failed.extend(call.response.get("failed", []))
+    return sources, nodes, failed

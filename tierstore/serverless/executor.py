@@ -41,7 +41,7 @@ from ..client import _filtered  # the filtered planner's constants: the same pla
 from ..client.results import SearchResult
 from ..errors import ConfigError, InvalidArgument, InvalidType
 from ..index.rerank import merge_topk, rerank
-from .candidates import Candidates
+from .candidates import Candidates, gather_children
 from .events import encode_array, encode_selection
 from .plan import PartitionPlan, TreeShape, build_plan, directory_digest, route
 from .tree import call_children
@@ -222,17 +222,8 @@ class FanoutExecutor:
             covered.append(parts)
         calls, failed = call_children(self.invoker, events, covered, retries=self.retries,
                                       partial=self.allow_partial)
-        sources, nodes = [], []
-        for call, take in zip(calls, maps):
-            if call.response is None:
-                continue
-            sources.append((Candidates.from_json(call.response, int(take.size)), take))
-            child_nodes = call.response.get("stats", {}).get("nodes", [])
-            if child_nodes:
-                child_nodes[0]["rtt_ms"] = call.rtt_ms
-                child_nodes[0]["attempts"] = call.attempts
-            nodes.extend(child_nodes)
-            failed = sorted(set(failed) | set(call.response.get("failed", [])))
+        sources, nodes, reported = gather_children(calls, maps)
+        failed = sorted(set(failed) | set(reported))
         return Candidates.merge(sources, nq, base["keep"]), failed, nodes
 
 

@@ -34,7 +34,7 @@ from xxhash import xxh3_64_intdigest
 from ..errors import ConfigError, EventError, NotFound, WorkerError
 from ..index.postings import fetch_lists, plan_reads
 from ..index.spann import SpannIndex
-from .candidates import Candidates
+from .candidates import Candidates, gather_children
 from .events import child_event, decode_array, parse_event
 from .plan import PartitionPlan, build_plan, directory_digest
 from .tree import call_children, subtree_partitions
@@ -279,6 +279,11 @@ class Worker:
         held, l2 = [], True
         if ev.scan:  # a node with only sub-trees to call needs no index state
             index = self._index(ev.index, ev.digest, counters)
+            slots = index.directory.nlist
+            if ev.lists.size and (int(ev.lists.min()) < -1 or int(ev.lists.max()) >= slots):
+                # faiss reads list numbers unchecked: one out of range would crash the container
+                raise EventError(f"event field 'lists' holds list numbers outside [-1, {slots}) of the index at "
+                                 f"{ev.index!r}; re-plan from the current manifest")
             plan = self._plan(ev.index, ev.digest, index, ev.partitions)
             held = [(self._partition(ev.index, ev.digest, index, plan, part, counters), queries)
                     for part, queries in ev.scan]
@@ -305,17 +310,10 @@ class Worker:
                 return {"v": 1, "error": {"type": "WorkerError", "message": str(exc),
                                           "partitions": list(exc.partitions)}}
             calls, failed = result["calls"]
-            for spec, call in zip(ev.children, calls):
-                if call.response is None:
-                    continue
-                take = decode_array(spec["take"], "<i4", "children[].take")
-                sources.append((Candidates.from_json(call.response, int(take.size)), take))
-                child_nodes = call.response.get("stats", {}).get("nodes", [])
-                if child_nodes:
-                    child_nodes[0]["rtt_ms"] = call.rtt_ms
-                    child_nodes[0]["attempts"] = call.attempts
-                nodes.extend(child_nodes)
-                failed.extend(call.response.get("failed", []))
+            takes = [decode_array(spec["take"], "<i4", "children[].take") for spec in ev.children]
+            child_sources, nodes, reported = gather_children(calls, takes)
+            sources.extend(child_sources)
+            failed.extend(reported)
         merged = Candidates.merge(sources, ev.nq, ev.keep)
         me = {"level": ev.level, "partitions": [part for part, _ in ev.scan], "cold": cold,
               "s3_gets": counters["s3_gets"], "s3_bytes": counters["s3_bytes"],
