@@ -1,5 +1,6 @@
 """Helpers for tests and benchmarks (not needed at run time)."""
 
+from .fault_proxy import FaultProxy
 from .moto_server import MotoServer
 
-__all__ = ["MotoServer"]
+__all__ = ["FaultProxy", "MotoServer"]
