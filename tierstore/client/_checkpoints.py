@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import CommitConflict, InvalidArgument
 from ..index.filters import AttributeColumns
 from ..index.params import IndexParams
 from ..index.spann import SpannIndex
@@ -36,6 +36,7 @@ class Checkpoints:
             self._check_open()
             if not self._pending() and self._wal.last_lsn == self._manifest.state["wal_lsn"]:
                 return
+            self._claim_checkpoint()
             lsn = self._wal.last_lsn
             stats = {}
             if self.rows.n > self.vectors.rows:
@@ -64,25 +65,40 @@ class Checkpoints:
                 raise
             self._last_update = stats
 
+    def _claim_checkpoint(self) -> None:
+        """Refuse, before writing a blob, a checkpoint whose base another writer has replaced.
+
+        Its blobs would overwrite the keys the newer manifest names (the same generation
+        and checkpoint numbers), and its commit would lose anyway.
+        """
+        self._check_writable()
+        versions = self._log.versions()
+        if versions and versions[-1] != self._manifest.version:
+            raise CommitConflict(self._fence(f"another writer committed manifest version {versions[-1]} since this "
+                                             f"handle loaded version {self._manifest.version}"))
+
     def _commit(self, lsn: int) -> None:
         self._checkpoint += 1
-        rows_key = f"{self._gen_prefix}/rows-{self._checkpoint:06d}"
+        rows_key = f"{self._gen_prefix}/rows-{self._checkpoint:06d}{self._key_suffix}"
         self.tier.put(rows_key, encode_blob({"kind": "row-table", "format": 1, "rows": self.rows.n}, sections={
             "ids": self.rows.ids, "live": self.rows.live.astype(np.uint8), "row_list": self.rows.row_list},
             align=64))
         index_key = None
         if self.index is not None:
-            index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}"
+            index_key = f"{self._gen_prefix}/meta-{self._checkpoint:06d}{self._key_suffix}"
             self.index.save(index_key)
         # The filter and tenant columns, so opening does not parse every chunk's JSON.
-        attrs_key = f"{self._gen_prefix}/attrs-{self._checkpoint:06d}"
+        attrs_key = f"{self._gen_prefix}/attrs-{self._checkpoint:06d}{self._key_suffix}"
         self.tier.put(attrs_key, self._attribute_columns().to_bytes())
         old = self._manifest.state
         state = {"settings": self.settings, "generation": self._gen, "checkpoint": self._checkpoint,
                  "index": index_key, "rows": rows_key, "vectors": self.vectors.state(), "wal_lsn": lsn,
                  "index_params": self._index_params.to_json() if self._index_params else None,
                  "attributes": attrs_key}
-        self._manifest = self._log.commit(state, expected_version=self._manifest.version)
+        try:
+            self._manifest = self._log.commit(state, expected_version=self._manifest.version)
+        except CommitConflict as exc:
+            raise CommitConflict(self._fence(f"another writer committed first ({exc})")) from exc
         self._wal.truncate(lsn)
         self.rows.reindex()
         self._reset_delta(keep_flat=self.index is None and self._flat.ntotal == self.rows.n)
@@ -114,6 +130,7 @@ class Checkpoints:
             index_params = IndexParams(**params)
             if self.rows.count() == 0:
                 raise InvalidArgument(f"collection {self.name!r} is empty; add vectors before building an index")
+            self._claim_checkpoint()
             return self._build(index_params, self._wal.last_lsn, progress)
 
     def _build(self, params: IndexParams, lsn: int, progress: bool | None = None) -> dict:
@@ -133,10 +150,11 @@ class Checkpoints:
         index, assignment, order = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
                                                     params=params, cache_bytes=self.memory_cache,
                                                     coalesce_gap=self.db.coalesce_gap, progress=progress,
-                                                    scan_device=self.db.scan_device)
+                                                    scan_device=self.db.scan_device, key_suffix=self._key_suffix)
         x, ids = x[order], ids[order]
         attrs = None if attrs is None else [attrs[i] for i in order.tolist()]
-        vectors = VectorStore(self.tier, self._gen_prefix, self.dim, coalesce_gap=self.db.coalesce_gap // 8)
+        vectors = VectorStore(self.tier, self._gen_prefix, self.dim, coalesce_gap=self.db.coalesce_gap // 8,
+                              key_suffix=self._key_suffix)
         vectors.append(x, attrs)
         self.vectors, self.index, self._index_params = vectors, index, params
         self.rows = RowTable(ids, np.ones(ids.size, bool), assignment.astype(np.int32))

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,7 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..errors import InvalidArgument, InvalidType, NotFound, StoreClosed, TierstoreError
+from ..errors import (CorruptData, InvalidArgument, InvalidType, NotFound, StoreClosed, TierstoreError,
+                      WriterConflict)
 from ..index.filters import AttributeColumns
 from ..index.params import IndexParams, SearchParams
 from ..index.rerank import merge_topk, rerank, top_unique
@@ -58,6 +60,8 @@ __all__ = ["Collection", "METRICS", "ATTRIBUTE_TYPES"]
 METRICS = ("l2", "ip", "cosine")
 ATTRIBUTE_TYPES = ("int", "float", "keyword", "keywords", "bool")
 _SEARCH_KEYS = {"nprobe", "prune_ratio", "rerank"}
+_OPEN_ATTEMPTS = 5  # a writer checkpointing while this handle opens
+MAX_K = 1 << 20  # as many candidates as a serverless worker may return per query
 
 
 _logger = logging.getLogger(__name__)
@@ -67,7 +71,7 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
         raise InvalidType(f"dim must be an int, got {dim!r}")
     if not 1 <= int(dim) <= 65_536:
         raise InvalidArgument(f"dim must be from 1 to 65536, got {dim}")
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise InvalidArgument(f"metric must be one of {METRICS}, got {metric!r}")
     schema: dict[str, str] = {}
     if attributes is not None:
@@ -78,7 +82,7 @@ def check_settings(dim: object, metric: object, attributes: object) -> dict:
                 raise InvalidArgument(f"attribute name {name!r} must be a non-empty str not starting with '$'")
             if name == TENANTS:
                 raise InvalidArgument(f"attribute name {name!r} is kept for tenant memberships; choose another")
-            if kind not in ATTRIBUTE_TYPES:
+            if not isinstance(kind, str) or kind not in ATTRIBUTE_TYPES:
                 raise InvalidArgument(f"attribute {name!r} has type {kind!r}; use one of {ATTRIBUTE_TYPES}")
             schema[name] = kind
     return {"dim": int(dim), "metric": metric, "attributes": schema}
@@ -98,6 +102,14 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._lock = threading.RLock()
         self._log = ManifestLog(self.tier, self.prefix)
         self._closed = False
+        # One writer per collection (docs/architecture.md): a local directory's file lock, and
+        # the reason this handle stopped accepting writes once another writer got in first.
+        self._writer_lock = db.writer_lock(name)
+        self._fenced: str | None = None
+        self._wrote = False
+        # Blobs this handle writes get keys of their own: a second writer's checkpoint from the
+        # same base (which loses its commit) can then never overwrite what the winner's names.
+        self._key_suffix = f"-{uuid.uuid4().hex[:8]}"
 
     # ---------------------------------------------------------------- lifecycle
     def _create(self, settings: dict) -> None:
@@ -107,6 +119,18 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._open()
 
     def _open(self) -> None:
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                return self._load()
+            except (InvalidArgument, CorruptData):
+                # Another writer checkpointed between reading the manifest and replaying the
+                # WAL, and truncated records the manifest did not cover: open the newer one.
+                versions = self._log.versions()
+                loaded = getattr(self, "_manifest", None)  # None: the newest manifest itself is damaged
+                if attempt == _OPEN_ATTEMPTS - 1 or not versions or loaded is None or versions[-1] == loaded.version:
+                    raise
+
+    def _load(self) -> None:
         manifest = self._log.latest()
         if manifest is None:
             raise NotFound(f"collection {self.name!r} does not exist")
@@ -122,7 +146,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         # Rerank reads merge rows less eagerly than list reads: a candidate row is 1.5 KB at
         # d=384, so reading through 256 KiB gaps would fetch ~1 MiB a query on S3.
         self.vectors = VectorStore(self.tier, self._gen_prefix, self.dim, chunks=state["vectors"],
-                                   coalesce_gap=self.db.coalesce_gap // 8)
+                                   coalesce_gap=self.db.coalesce_gap // 8, key_suffix=self._key_suffix)
         if state["rows"]:
             blob = decode_blob(self.tier.get(state["rows"]), source=state["rows"])
             self.rows = RowTable(np.frombuffer(blob.section("ids"), "<i8").copy(),
@@ -134,6 +158,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         if state["index"]:
             self.index = SpannIndex.open(self.tier, state["index"], cache_bytes=self.memory_cache,
                                          coalesce_gap=self.db.coalesce_gap, scan_device=self.db.scan_device)
+            self.index.key_suffix = self._key_suffix
         self._indexed_rows = self.rows.n if self.index is not None else 0
         if self.memory_cache is None or self.index is None:
             self.vectors.load_all()
@@ -180,14 +205,50 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         with self._lock:
             if self._closed:
                 return
-            if self._pending():
+            if self._pending() and self._writes_here():
                 self.flush()
             self._closed = True
             self.index = None
+            if self._writer_lock is not None:
+                self._writer_lock.release()
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"collection {self.name!r} is closed")
+
+    def _check_writable(self) -> None:
+        """Before anything is written: this handle is (or becomes) the collection's one writer."""
+        if self._fenced:
+            raise WriterConflict(self._fenced)
+        if self._writer_lock is not None:
+            self._writer_lock.acquire()
+
+    def _writes_here(self) -> bool:
+        """Whether close may checkpoint: not a handle that only read (WAL records replayed at
+        open belong to the writer), nor a fenced one (its acknowledged writes are in the WAL)."""
+        if self._fenced:
+            return False
+        if self._writer_lock is not None:
+            try:
+                self._writer_lock.acquire()
+            except WriterConflict:
+                return False
+            return True
+        return self._wrote
+
+    def _fence(self, reason: str) -> str:
+        self._fenced = (f"collection {self.name!r}: {reason}. This handle accepts no more writes: close it and "
+                        f"open the collection again (db.collection({self.name!r})) once the other writer is done; "
+                        "run one writer per collection")
+        return self._fenced
+
+    def _append(self, record) -> None:
+        self._check_writable()
+        try:
+            self._wal.append(record)
+        except WriterConflict as exc:
+            raise WriterConflict(self._fence(f"another writer appended to its WAL ({exc})")) from exc
+        self._wrote = True
 
     def __repr__(self) -> str:
         return f"<Collection {self.name!r} dim={self.dim} metric={self.metric!r}>"
@@ -204,7 +265,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             if not norm > 0 or not np.isfinite(norm):
                 raise InvalidArgument("the query is the zero vector (or overflows), which has no cosine similarity")
             return (vectors / norm)[None, :]
-        arr = vectors if isinstance(vectors, np.ndarray) else np.asarray(vectors)
+        arr = _as_array(vectors, "vectors")
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
             raise InvalidType(f"vectors must be numeric, got dtype {arr.dtype}")
         if arr.ndim == 1:
@@ -238,10 +299,10 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             self._check_open()
             if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
                 ids = [ids]
-            record = UpsertRecord(ids, self._prepare_vectors(vectors, len(np.atleast_1d(np.asarray(ids)))),
+            record = UpsertRecord(ids, self._prepare_vectors(vectors, len(np.atleast_1d(_as_array(ids, "ids")))),
                                   attributes)
             self._check_attributes(record.attributes, internal)
-            self._wal.append(record)
+            self._append(record)
             self._apply_upsert(record)
             if len(self._delta_x) and self._pending() >= self.flush_rows:
                 self._checkpoint_after_write()
@@ -291,7 +352,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             self._check_open()
             if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
                 ids = [ids]
-            wanted = np.atleast_1d(np.asarray(ids))
+            wanted = np.atleast_1d(_as_array(ids, "ids"))
             if wanted.dtype.kind not in "iu" or wanted.ndim != 1:
                 raise InvalidType(f"ids must be a 1-D sequence of integers, got {wanted.dtype} of shape {wanted.shape}")
             rows = self.rows.lookup(wanted.astype(np.int64))
@@ -317,7 +378,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             rows = self.rows.lookup(record.ids)
             if not (rows >= 0).any():
                 return 0
-            self._wal.append(record)
+            self._append(record)
             return self._apply_delete(record.ids)
 
     def _apply_delete(self, ids: np.ndarray) -> int:
@@ -356,6 +417,9 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         lists; it returns the same result as a local search with the same arguments.
         """
         if executor is not None:
+            if not callable(getattr(executor, "search", None)):
+                raise InvalidType(f"executor must have a search(col, x, k, ...) method (a FanoutExecutor), "
+                                  f"got {type(executor).__name__}")
             return executor.search(self, x, k, filter=filter, explain=explain, **params)
         xq, k, sp = self._search_args(x, k, params)
         with self._lock:
@@ -411,8 +475,8 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         """Checked queries (float32, normalised for cosine), ``k`` and search parameters."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise InvalidType(f"k must be an int, got {k!r}")
-        if k <= 0:
-            raise InvalidArgument(f"k must be >= 1, got {k}")
+        if not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"k must be from 1 to {MAX_K:,} (results are (nq, k) arrays), got {k}")
         sp = _search_params(params) if params else _DEFAULT_SEARCH
         return self._prepare_vectors(x, None), int(k), sp
 
@@ -447,6 +511,15 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
 
 
 _DEFAULT_SEARCH = SearchParams()
+
+
+def _as_array(value: object, what: str) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, objects numpy cannot convert
+        raise InvalidArgument(f"{what} cannot be read as an array ({exc}); pass a numpy array") from exc
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,13 +28,16 @@ scans them there (:mod:`tierstore.index.quant.torch_scanner`); quantizers ``sq8`
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..errors import AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound, StoreClosed
+from ..errors import (AlreadyExists, ConfigError, InvalidArgument, InvalidType, NotFound, StoreClosed,
+                      TierUnavailable)
 from ..tiers.base import BaseTier
 from ._names import check_name
+from ._writer_lock import WriterLock
 from .collection import Collection, check_settings
 
 if TYPE_CHECKING:
@@ -72,7 +75,15 @@ def _open_tier(uri: str, *, endpoint_url: str | None, cache_dir: str | None, map
         raise ConfigError(f"unsupported URI {uri!r}: give a local directory path or s3://bucket/prefix")
     from ..tiers.lmdb import LmdbTier
 
-    os.makedirs(uri, exist_ok=True)
+    if not uri:
+        raise InvalidArgument("the database path is empty; give a directory path or s3://bucket/prefix")
+    try:
+        os.makedirs(uri, exist_ok=True)
+    except ValueError as exc:  # a NUL, or a character the file system encoding cannot hold
+        raise InvalidArgument(f"{uri!r} cannot be a directory path here: {exc}") from exc
+    except OSError as exc:  # a name too long, a file in the way, no permission
+        raise TierUnavailable(f"cannot create the database directory {uri!r}: {exc}; "
+                              "give a directory path that can be created") from exc
     return LmdbTier(os.path.join(uri, "tierstore.lmdb"), map_size=map_size), 16 * 1024
 
 
@@ -97,9 +108,12 @@ class Database:
             tier, self.coalesce_gap = _open_tier(self.uri, endpoint_url=endpoint_url, cache_dir=cache_dir,
                                                  map_size=map_size, s3_options=s3_options)
             self._owns_tier = True
+            local = not self.uri.startswith("s3://")
+            self._locks_dir = os.path.join(self.uri, "locks") if local else None
         else:
             self.coalesce_gap = 0
             self._owns_tier = False
+            self._locks_dir = None
         self.tier = tier
         self.memory_cache = memory_cache
         self.gpu_cache, self.gpu_device = gpu_cache, gpu_device
@@ -117,6 +131,16 @@ class Database:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(f"database {self.uri!r} is closed")
+
+    def writer_lock(self, name: str) -> WriterLock | None:
+        """The file lock that makes one handle the writer of collection ``name`` (local directories only).
+
+        On S3 there is none: a second writer is detected by the create-only WAL and
+        manifest puts instead (see docs/architecture.md, "One writer per collection").
+        """
+        if self._locks_dir is None:
+            return None
+        return WriterLock(os.path.join(self._locks_dir, f"{name}.lock"), f"collection {name!r} in {self.uri!r}")
 
     def _new(self, name: str) -> Collection:
         return Collection(self, name, memory_cache=self.memory_cache, flush_rows=self.flush_rows,
@@ -189,6 +213,8 @@ class Database:
             col = self._collections.pop(name, None)
             if col is not None:
                 col._closed = True
+                if col._writer_lock is not None:  # a collection of that name may be created again
+                    col._writer_lock.release()
             for key in manifests:  # first: the collection disappears before its data does
                 self.tier.delete(key)
             for key in keys:
@@ -245,4 +271,10 @@ Client = Database  # the name the client API uses; one class
 
 def connect(uri: str | os.PathLike, **options: Any) -> Database:
     """Open the database at ``uri`` (a directory, or ``s3://bucket/prefix``); see :class:`Database`."""
+    unknown = set(options) - _CONNECT_OPTIONS
+    if unknown:
+        raise ConfigError(f"unknown connect option(s) {sorted(unknown)}; use {sorted(_CONNECT_OPTIONS)}")
     return Database(uri, **options)
+
+
+_CONNECT_OPTIONS = frozenset(inspect.signature(Database.__init__).parameters) - {"self", "uri"}

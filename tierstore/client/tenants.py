@@ -281,7 +281,7 @@ class Tenancy:
         name = check_tenant_name(name)
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
             ids = [ids]
-        ids_arr = np.atleast_1d(np.asarray(ids))
+        ids_arr = np.atleast_1d(_as_array(ids))
         with self._lock:
             self._check_open()
             if attributes is not None and (not isinstance(attributes, Sequence) or isinstance(attributes, (str, bytes))):
@@ -368,11 +368,18 @@ def _with_holders(attributes: Mapping | None, holders: set[str]) -> dict:
     return out
 
 
+def _as_array(ids: object) -> np.ndarray:
+    try:
+        return np.asarray(ids)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, objects numpy cannot convert
+        raise InvalidArgument(f"ids cannot be read as an array ({exc}); pass a 1-D list or array of ints") from exc
+
+
 def _id_array(ids: object) -> np.ndarray:
     """Distinct integer ids (a repeated id is one change)."""
     if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
         ids = [ids]
-    arr = np.atleast_1d(np.asarray(ids))
+    arr = np.atleast_1d(_as_array(ids))
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise InvalidType(f"ids must be a 1-D sequence of integers, got {arr.dtype} of shape {arr.shape}")
     return np.unique(arr.astype(np.int64))

@@ -65,7 +65,7 @@ def list_bytes(ids: np.ndarray, codes: bytes) -> bytes:
 
 
 def write_segments(tier, prefix: str, directory: PostingDirectory, lists: dict[int, bytes], counts: dict[int, int],
-                   *, first_segment: int, segment_bytes: int) -> list[str]:
+                   *, first_segment: int, segment_bytes: int, key_suffix: str = "") -> list[str]:
     """Write ``lists`` (list number -> stored bytes) as new segments and point ``directory`` at them.
 
     Segments are numbered from ``first_segment`` (never reused, so a reader holding an
@@ -83,7 +83,7 @@ def write_segments(tier, prefix: str, directory: PostingDirectory, lists: dict[i
         size += len(lists[list_no])
     items, placed = [], []
     for number, group in enumerate(groups, start=first_segment):
-        key = f"{prefix}/seg/{number:08d}"
+        key = f"{prefix}/seg/{number:08d}{key_suffix}"
         blob = encode_blob({"kind": "posting-segment", "format": 1, "lists": group},
                            sections={str(list_no): lists[list_no] for list_no in group}, align=_ALIGN)
         info = read_header(blob, source=key)

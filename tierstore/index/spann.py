@@ -53,6 +53,7 @@ class SpannIndex(ListUpdates):
         self.tier = tier
         self.scan_device = scan_device
         self.prefix = prefix
+        self.key_suffix = ""  # new segment keys end with it (a writer's tag: see Collection)
         self.metric = metric
         self.dim = dim
         self.params = params
@@ -114,7 +115,7 @@ class SpannIndex(ListUpdates):
     @classmethod
     def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
               cache_bytes: int | None = None, coalesce_gap: int = 0,
-              progress: bool | None = None, scan_device: str | None = None):
+              progress: bool | None = None, scan_device: str | None = None, key_suffix: str = ""):
         """Partition, replicate, encode and write the rows of ``x``.
 
         Returns ``(index, assignment, order)``: the index's row ``r`` is ``x[order[r]]``
@@ -129,10 +130,11 @@ class SpannIndex(ListUpdates):
         if progress is None:
             progress = x.shape[0] >= 100_000 and sys.stderr.isatty()
         with tqdm(total=4, desc=f"index {x.shape[0]:,} vectors", unit="stage", disable=not progress) as bar:
-            return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device)
+            return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device,
+                              key_suffix)
 
     @classmethod
-    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device):
+    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device, key_suffix):
         params = params.resolved(x.shape[0])  # the index keeps (and saves) the list size it used
         bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
@@ -164,11 +166,12 @@ class SpannIndex(ListUpdates):
         bar.set_postfix_str("write posting lists")
         directory = empty_directory(slots)
         keys = write_segments(tier, prefix, directory, stored, counts, first_segment=0,
-                              segment_bytes=params.segment_bytes)
+                              segment_bytes=params.segment_bytes, key_suffix=key_suffix)
         index = cls(tier=tier, prefix=prefix, metric=metric, dim=x.shape[1], params=params, centroids=centroids,
                     active=active, codes=codes, directory=directory, next_segment=len(keys),
                     cache_bytes=cache_bytes, coalesce_gap=coalesce_gap, scan_device=scan_device)
         bar.update()
+        index.key_suffix = key_suffix
         return index, part.assignment, order
 
     # -------------------------------------------------------------- persistence
@@ -320,7 +323,14 @@ class SpannIndex(ListUpdates):
 
     def search_codes(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """Coarse search and code scan in one call (every list resident, no pruning)."""
-        return self.scanner.search(xq, min(nprobe, self.active_lists.size), candidates)
+        return self.scanner.search(xq, min(nprobe, self.active_lists.size), self._bounded(candidates))
+
+    def _bounded(self, candidates: int) -> int:
+        """``candidates`` capped at the entries the lists hold: more only pads with -1, and a huge
+        ``k * rerank`` would allocate (nq, candidates) arrays for nothing."""
+        if candidates <= 4096:
+            return candidates
+        return min(candidates, max(1, int(self.directory.count.sum())))
 
     def scan(self, xq: np.ndarray, coarse: np.ndarray, lists: np.ndarray, candidates: int, allowed=None):
         """Code-scan the probed lists: ``(scores, rows)`` of the best ``candidates`` per query.
@@ -331,6 +341,7 @@ class SpannIndex(ListUpdates):
         other rows are not scored.
         """
         self.ensure_loaded(lists)
+        candidates = self._bounded(candidates)
         if allowed is None:
             return self.scanner.search_preassigned(xq, lists, coarse, candidates)
         return self.scanner.search_preassigned(xq, lists, coarse, candidates, allowed)

@@ -181,7 +181,8 @@ class ListUpdates:
             stored[list_no] = list_bytes(changed[list_no], encoded[j])
             counts[list_no] = int(changed[list_no].size)
         keys = write_segments(self.tier, self.prefix, self.directory, stored, counts,
-                              first_segment=self.next_segment, segment_bytes=self.params.segment_bytes)
+                              first_segment=self.next_segment, segment_bytes=self.params.segment_bytes,
+                              key_suffix=self.key_suffix)
         self.next_segment += len(keys)
         for list_no in order:  # drop stale cached copies; memory mode reloads at once
             if self.loaded[list_no]:

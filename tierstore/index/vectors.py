@@ -39,8 +39,10 @@ _CHECK = 8
 class VectorStore:
     """The vector chunks of one collection (see the module docstring)."""
 
-    def __init__(self, tier, prefix: str, dim: int, *, chunks: dict | None = None, coalesce_gap: int = 0) -> None:
+    def __init__(self, tier, prefix: str, dim: int, *, chunks: dict | None = None, coalesce_gap: int = 0,
+                 key_suffix: str = "") -> None:
         self.tier = tier
+        self.key_suffix = key_suffix  # new chunk keys end with it: writers never overwrite each other's
         self.coalesce_gap = coalesce_gap
         self.prefix = prefix
         self.dim = dim
@@ -79,7 +81,7 @@ class VectorStore:
             if attributes is not None:
                 sections.update(_attribute_sections(attributes[a:a + chunk_rows]))
             number = len(self.keys) + len(items)
-            key = f"{self.prefix}/vec/{number:08d}"
+            key = f"{self.prefix}/vec/{number:08d}{self.key_suffix}"
             blob = encode_blob({"kind": "vector-chunk", "format": 1, "first_row": first + a,
                                 "count": int(part.shape[0]), "dim": self.dim}, sections=sections, align=64)
             items.append((key, blob))

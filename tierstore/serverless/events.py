@@ -233,6 +233,8 @@ def parse_event(event: object) -> SearchEvent:
         raise EventError("event field 'queries' contains NaN or infinity")
     lists = decode_array(event["lists"], "<i8", "lists", nq * width).reshape(nq, width)
     coarse = decode_array(event["coarse"], "<f4", "coarse", nq * width).reshape(nq, width)
+    if not np.isfinite(coarse).all():  # a probe's coarse scores always are; NaN would poison the merge
+        raise EventError("event field 'coarse' contains NaN or infinity")
     selection = decode_selection(event["selection"])
     scan = _scan(event["scan"], "scan", nq, partitions)
     children = _children(event["children"], "children", nq, level)

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, WriterConflict
+from ..errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, NotFound, WriterConflict
 from ..tiers.base import BaseTier
 from ._layout import check_prefix, default_writer_id, parse_numbered
 from ._steps import Steps, call, run_steps, run_steps_async
@@ -172,9 +172,26 @@ class WriteAheadLog:
                                     "were taken. One process may append to a log; this WriteAheadLog accepts no "
                                     "more appends (reopen it once the other writer has stopped)")
                     raise WriterConflict(self._fenced) from exc
+            if self._truncated_floor() >= first:
+                # Another writer checkpointed and truncated past these LSNs, so the create-only
+                # puts refilled freed slots, below the floor that replay starts from: never
+                # acknowledge that. Delete them (they are ours) so no part of the batch replays.
+                for key, _ in items:
+                    self.tier.delete(key)
+                self._fenced = (f"another writer appended to the log {self._dir!r} and truncated it past LSN "
+                                f"{first}: this WriteAheadLog was stale and accepts no more appends (reopen it "
+                                "once the other writer has stopped)")
+                raise WriterConflict(self._fenced)
             self._stale = False
             self._last = last
             return list(range(first, last + 1))
+
+    def _truncated_floor(self) -> int:
+        """The floor as stored now (another writer may have moved it): one get."""
+        try:
+            return _decode_floor(self.tier.get(self._floor_key), self._floor_key)
+        except NotFound:
+            return 0
 
     def _ready_to_append(self) -> None:
         if self._fenced:

@@ -78,7 +78,10 @@ def check_tokens(token_ids: object) -> np.ndarray:
     """Token ids as a read-only little-endian int64 array; typed errors for anything else."""
     if isinstance(token_ids, (str, bytes)):
         raise InvalidType("token_ids must be a sequence of ints, not a str/bytes; tokenize first")
-    arr = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
+    try:
+        arr = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, objects numpy cannot convert
+        raise InvalidArgument(f"token_ids cannot be read as an array ({exc}); pass a list of ints") from exc
     if hasattr(token_ids, "detach") and not isinstance(token_ids, np.ndarray):  # a torch tensor
         arr = np.asarray(token_ids.detach().cpu())
     if arr.ndim == 2 and arr.shape[0] == 1:

@@ -364,11 +364,12 @@ class KVCacheStore:
         """
         self._check_open()
         tokens = check_tokens(token_ids)
-        if format not in FORMATS:
+        if not isinstance(format, str) or format not in FORMATS:
             raise InvalidArgument(f"format must be one of {FORMATS}, got {format!r}")
         if position is not None and self.mode != "content":
             raise InvalidArgument("position applies to content mode (prefix chunks sit at their own positions)")
         out_dtype = None if dtype is None else _torch_dtype(dtype)
+        device = _device_arg(device)
         layout = self._find_layout()
         wanted = self._check_layers(layers, layout)
         if layout is None:
@@ -620,6 +621,23 @@ def _dtype_arg(dtype: Any) -> str:
     if name not in _INPUT_DTYPES:
         raise InvalidType(f"dtype must be one of {', '.join(_INPUT_DTYPES)} (str or torch.dtype), got {dtype!r}")
     return name
+
+
+def _device_arg(device: Any) -> Any:
+    """``device`` as a usable ``torch.device`` (``None`` stays ``None``); checked before any read."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+        torch.empty(1, device=parsed)  # a CUDA index past the last GPU, or no CUDA build, fails here
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise InvalidArgument(f"device {device!r} is not a usable torch device ({exc}); "
+                              "use 'cpu', 'cuda' or 'cuda:<n>'") from exc
+    if parsed.type == "meta":
+        raise InvalidArgument("device 'meta' holds no data; load KV to 'cpu' or 'cuda'")
+    return parsed
 
 
 def _torch_dtype(dtype: Any):
