@@ -10,7 +10,7 @@ from tierstore.serverless import FanoutExecutor, InProcessInvoker
 from .conftest import make_collection
 
 
-def same(a, b, *, code_distances: bool = False) -> None:
+def assert_same(a, b, *, code_distances: bool = False) -> None:
     np.testing.assert_array_equal(a.ids, b.ids)
     if code_distances:  # rerank=0 returns code distances: faiss's one-call search rounds them differently
         np.testing.assert_allclose(a.distances, b.distances, rtol=1e-5)
@@ -22,7 +22,7 @@ def same(a, b, *, code_distances: bool = False) -> None:
 def test_identical_ids_across_tree_shapes(s3col, queries, inprocess, partitions, branching):
     executor = FanoutExecutor(inprocess, partitions=partitions, branching=branching)
     res = s3col.col.search(queries, 10, executor=executor)
-    same(res, s3col.col.search(queries, 10))
+    assert_same(res, s3col.col.search(queries, 10))
     info = res.stats["serverless"]
     assert info["fanout"] and info["partitions"] == min(partitions, s3col.col.index.nlist)
     assert res.stats["partial"] is False
@@ -35,15 +35,15 @@ def test_identical_ids_across_tree_shapes(s3col, queries, inprocess, partitions,
 def test_identical_ids_across_search_parameters(s3col, queries, inprocess, params):
     executor = FanoutExecutor(inprocess, partitions=12, branching=3)
     for k in (1, 10, 25):
-        same(s3col.col.search(queries, k, executor=executor, **params), s3col.col.search(queries, k, **params),
+        assert_same(s3col.col.search(queries, k, executor=executor, **params), s3col.col.search(queries, k, **params),
              code_distances=params.get("rerank") == 0)
 
 
 def test_single_query_and_k_beyond_the_collection(s3col, queries, inprocess):
     executor = FanoutExecutor(inprocess, partitions=6, branching=2)
-    same(s3col.col.search(queries[0], 5, executor=executor), s3col.col.search(queries[0], 5))
+    assert_same(s3col.col.search(queries[0], 5, executor=executor), s3col.col.search(queries[0], 5))
     big = s3col.col.search(queries[:3], 5000, executor=executor, nprobe=200)
-    same(big, s3col.col.search(queries[:3], 5000, nprobe=200))
+    assert_same(big, s3col.col.search(queries[:3], 5000, nprobe=200))
     assert (big.ids[:, -1] == -1).all()
 
 
@@ -62,7 +62,7 @@ def test_filtered_search_is_identical(s3col, queries, inprocess, spec, fans_out)
     for k, params in ((10, {}), (20, {"nprobe": 4}), (10, {"nprobe": 2, "rerank": 1})):
         res = s3col.col.search(queries, k, filter=spec, executor=executor, **params)
         ref = s3col.col.search(queries, k, filter=spec, **params)
-        same(res, ref)
+        assert_same(res, ref)
         matches = ref.stats["matches"]
         assert ((res.ids >= 0).sum(axis=1) == min(k, matches)).all()  # min(k, matches) results
         assert res.stats["plan"] == ref.stats["plan"]
@@ -81,7 +81,7 @@ def test_warm_workers_do_no_s3_get(s3col, queries):
     info = second.stats["serverless"]
     assert info["cold"] == 0 and info["warm"] == info["invocations"] > 0
     assert info["s3_gets"] == 0 and info["s3_bytes"] == 0
-    same(second, s3col.col.search(queries[::-1], 10))
+    assert_same(second, s3col.col.search(queries[::-1], 10))
 
 
 def test_disk_cache_survives_a_new_container(s3col, queries, tmp_path):
@@ -91,7 +91,7 @@ def test_disk_cache_survives_a_new_container(s3col, queries, tmp_path):
     fresh = FanoutExecutor(InProcessInvoker(config), partitions=4, branching=2)  # a restarted container
     res = fresh.search(s3col.col, queries, 10)
     assert res.stats["serverless"]["s3_gets"] == 0
-    same(res, s3col.col.search(queries, 10))
+    assert_same(res, s3col.col.search(queries, 10))
 
 
 def test_stats_describe_the_tree(s3col, queries, inprocess):
@@ -107,9 +107,9 @@ def test_other_metrics_and_codes(moto_server, queries, metric, quantizer):
     made = make_collection(moto_server, metric=metric, n=2000, quantizer=quantizer)
     try:
         executor = FanoutExecutor(InProcessInvoker(made.config()), partitions=7, branching=2)
-        same(made.col.search(queries, 10, executor=executor), made.col.search(queries, 10))
+        assert_same(made.col.search(queries, 10, executor=executor), made.col.search(queries, 10))
         spec = {"lang": {"$in": ["en", "de"]}}
-        same(made.col.search(queries, 10, filter=spec, executor=executor),
+        assert_same(made.col.search(queries, 10, filter=spec, executor=executor),
              made.col.search(queries, 10, filter=spec))
     finally:
         made.db.close()
@@ -127,7 +127,7 @@ def test_collection_without_index_runs_locally(moto_server, queries):
         res = col.search(queries, 3, executor=FanoutExecutor(InProcessInvoker(
             __import__("tierstore.serverless", fromlist=["WorkerConfig"]).WorkerConfig(
                 bucket=BUCKET, prefix="sv/noindex", endpoint_url=moto_server.endpoint_url)), partitions=4))
-        same(res, col.search(queries, 3))
+        assert_same(res, col.search(queries, 3))
         assert res.stats["serverless"] == {"fanout": False}
     finally:
         db.close()

@@ -20,6 +20,7 @@ is killed (its process is discarded) and reported as :class:`~tierstore.errors.W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import secrets
@@ -282,10 +283,8 @@ class ProcessInvoker:
                 return
             self._closed = True
             containers, self._all, self._idle = list(self._all), [], []
-        try:  # wake the accept loop (closing the listener alone does not interrupt accept())
+        with contextlib.suppress(OSError):  # wake the accept loop (closing the listener does not interrupt accept())
             Client(self._listener.address, authkey=self._authkey).close()
-        except OSError:
-            pass
         self._listener.close()
         for container in containers:
             container.conn.close()
