@@ -3,8 +3,8 @@
 After every kill the store opens; every acknowledged write is present, exact and
 searchable; the write in flight is all there or not there at all (a batch of vectors is
 never half-visible, a KV chunk never reads back corrupt); deletes likewise. The store is
-reused across kills, so recovery after recovery is exercised too. CI runs a quick pass (8
-kills locally, 5 on S3); ``TIERSTORE_RELIABILITY=full`` runs 24 + 16, and
+reused across kills, so recovery after recovery is exercised too. CI runs a quick pass (12
+kills locally, 8 on S3: 20); ``TIERSTORE_RELIABILITY=full`` runs 24 + 16, and
 ``TIERSTORE_CRASH_TRIALS=N`` sets the local count (S3 gets two thirds of it).
 """
 
@@ -26,10 +26,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from . import crash_child as child  # noqa: E402
+from ._report import REPORT  # noqa: E402
 
 SCRIPT = Path(child.__file__)
 TRIALS = int(os.environ.get("TIERSTORE_CRASH_TRIALS",
-                            "24" if os.environ.get("TIERSTORE_RELIABILITY") == "full" else "8"))
+                            "24" if os.environ.get("TIERSTORE_RELIABILITY") == "full" else "12"))
 
 
 @dataclass
@@ -49,21 +50,25 @@ class Expected:
 
 def run_and_kill(uri: str, first: int, env: dict, rng: random.Random) -> list[list[str]]:
     with tempfile.TemporaryFile("w+") as errors:  # faiss warns on stderr; a pipe could fill and stall it
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), uri, str(first)], stdout=subprocess.PIPE,
-                                stderr=errors, text=True, env=env, cwd=SCRIPT.parent)
-        assert proc.stdout is not None
-        line = proc.stdout.readline()  # blocks until the child has opened the store
-        if not line.startswith("ready"):
-            proc.kill()
-            errors.seek(0)
-            raise AssertionError(f"child did not start: {line!r} {errors.read()[-2000:]}")
-        return _kill_later(proc, rng)
+        with subprocess.Popen([sys.executable, str(SCRIPT), uri, str(first)], stdout=subprocess.PIPE,
+                              stderr=errors, text=True, env=env, cwd=SCRIPT.parent) as proc:  # closes the pipe
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # blocks until the child has opened the store
+            if not line.startswith("ready"):
+                proc.kill()
+                errors.seek(0)
+                raise AssertionError(f"child did not start: {line!r} {errors.read()[-2000:]}")
+            return _kill_later(proc, rng)
 
 
 def _kill_later(proc: subprocess.Popen, rng: random.Random) -> list[list[str]]:
     time.sleep(rng.uniform(0.05, 3.0))
     proc.send_signal(signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
+    # Read through the same buffered reader as the "ready" line: its read-ahead may already
+    # hold the first events (communicate() would read the raw pipe and lose them).
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     return [line.split() for line in out.splitlines() if line.strip()]
 
@@ -145,6 +150,8 @@ def crash_trials(uri: str, trials: int, env: dict, seed: int) -> Expected:
         events = run_and_kill(uri, state.next_batch, env, rng)
         record(events, state)
         verify(uri, state)
+        REPORT[f"SIGKILL trials ({'S3' if uri.startswith('s3://') else 'local'})"] += 1
+    REPORT["acknowledged writes checked after kills"] += state.acked_writes
     return state
 
 

@@ -36,6 +36,7 @@ from tierstore.store.blob import decode_blob
 from tierstore.tiers import LmdbTier
 
 from ..conftest import BUCKET
+from ._report import REPORT
 
 FULL = os.environ.get("TIERSTORE_RELIABILITY") == "full"
 SCALE = 10 if FULL else 1
@@ -76,6 +77,8 @@ class Tally:
         total = sum(self.outcomes.values())
         detail = ", ".join(f"{k} {v}" for k, v in self.outcomes.most_common())
         print(f"\nfuzz {self.name}: {total} calls ({detail})")
+        REPORT["fuzzed calls"] += total
+        REPORT["fuzzed calls rejected with a typed error"] += total - self.outcomes["ok"]
         assert total >= minimum * SCALE, f"only {total} fuzzed calls ran"
 
 

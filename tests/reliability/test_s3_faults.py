@@ -19,6 +19,8 @@ from tierstore.errors import NotFound, TierstoreError
 from tierstore.testing.fault_proxy import FaultProxy
 from tierstore.tiers import S3Tier
 
+from ._report import REPORT
+
 OPTIONS = {"connect_timeout": 1.0, "read_timeout": 0.8, "max_attempts": 4}
 STALL_S = 1.2  # longer than read_timeout: the client must give up, not wait
 # CI runs a quick pass; TIERSTORE_RELIABILITY=full runs four times the operations
@@ -32,6 +34,10 @@ def proxy(request, moto_server):
     with FaultProxy(moto_server.endpoint_url, rate=request.param, seed=int(request.param * 100),
                     stall_s=STALL_S) as fault_proxy:
         yield fault_proxy
+    REPORT["S3 requests through the fault proxy"] += fault_proxy.counts["requests"]
+    for fault, count in fault_proxy.counts.items():
+        if fault != "requests":
+            REPORT[f"S3 faults injected: {fault}"] += count
 
 
 def timed(fn, *args, **kwargs):
