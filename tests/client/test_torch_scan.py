@@ -61,3 +61,23 @@ def test_unsupported_quantizer_is_a_config_error(tmp_path, blobs):
     with pytest.raises(tierstore.ConfigError, match="rabitq"):
         with tierstore.connect(tmp_path / "db", scan_device="cpu") as db:
             db.collection("c")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_scan_of_large_unnormalised_vectors(tmp_path, blobs, device):
+    """A GPU holds the lists in float16, whose range ends at 65,504: dots of vectors with
+    norms in the thousands (SIFT-like data) must not overflow to inf and lose the ranking."""
+    xb, xq, truth = blobs
+    xb, xq = xb * 1000, xq * 1000  # the same neighbours; dots around 1e6 and more
+    with tierstore.connect(tmp_path / "db", scan_device=device) as db:
+        col = db.create_collection("c", dim=32)
+        col.add(np.arange(len(xb)), xb)
+        col.build_index(quantizer="sq8", target_list_size=64)
+        scanner = col.index.scanner
+        scanner.dtype, scanner._arena = torch.float16, None  # what a CUDA device uses, here on any device
+        res = col.search(xq, k=10, nprobe=16, rerank=8)
+        plain = col.search(xq, k=10, nprobe=16, rerank=0)
+    assert float(np.max(np.abs(xb @ xq.T))) > 65_504  # the products would overflow float16 unscaled
+    assert recall(res.ids, truth) >= 0.95
+    assert recall(plain.ids, truth) >= 0.85  # the code scores themselves rank, not a column of infs
+    assert np.isfinite(plain.distances).all()

@@ -45,6 +45,7 @@ class TorchScanner:
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self._lists: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # ids, stored bytes, vectors
         self._arena = None
+        self._scale = 1.0
         self._coarse = None
         self._nslots = int(codes.index.nlist)
 
@@ -97,8 +98,13 @@ class TorchScanner:
         vectors = (np.concatenate([self._lists[i][2] for i in held]) if held
                    else np.zeros((0, self.codes.index.d), np.float32))
         owner = np.repeat(np.asarray(held, np.int64), [self._lists[i][0].size for i in held])
-        x = torch.from_numpy(vectors).to(self.device, self.dtype)
-        self._arena = (x, (x.float() ** 2).sum(1), torch.from_numpy(ids).to(self.device),
+        # Rows are stored divided by the largest row norm and queries are scaled to unit
+        # norm, so every float16 product is at most 1 in magnitude: float16 overflows
+        # past 65,504, which a dot of unnormalised vectors (SIFT-like data) passes.
+        norms = np.einsum("nd,nd->n", vectors, vectors)
+        self._scale = float(np.sqrt(norms.max())) if norms.size and norms.max() > 0 else 1.0
+        x = torch.from_numpy(vectors / np.float32(self._scale)).to(self.device, self.dtype)
+        self._arena = (x, torch.from_numpy(norms).to(self.device), torch.from_numpy(ids).to(self.device),
                        torch.from_numpy(owner).to(self.device))
         return self._arena
 
@@ -122,8 +128,9 @@ class TorchScanner:
         if take == 0:
             return scores, rows
         with torch.no_grad():
-            q = torch.from_numpy(np.ascontiguousarray(xq)).to(self.device)
-            dots = (q.to(self.dtype) @ x.T).float()
+            q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
+            q_norm = q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            dots = ((q / q_norm).to(self.dtype) @ x.T).float() * (q_norm * self._scale)
             dist = norms[None, :] - 2.0 * dots if l2 else -dots   # smaller is better
             probed = torch.zeros((n, self._nslots + 1), dtype=torch.bool, device=self.device)
             wanted = torch.from_numpy(np.where(lists >= 0, lists, self._nslots)).to(self.device)
