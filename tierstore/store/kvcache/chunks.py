@@ -202,9 +202,9 @@ def _layer_tensors(header: ChunkHeader, sections: Sequence[Any]) -> list[dict[st
     per_layer: list[dict[str, Any]] = [{} for _ in sections]
     for name, dt, shape, offset, nbytes in offsets:
         tdt = _tdtype(dt)
-        if nbytes == 0:
-            for d in per_layer:
-                d[name] = torch.empty(shape, dtype=tdt)
+        if nbytes == 0:  # an empty tensor (no residual tokens, say), on the sections' device
+            for d, sec in zip(per_layer, sections):
+                d[name] = torch.empty(shape, dtype=tdt, device=sec.device)
             continue
         for d, sec in zip(per_layer, sections):
             d[name] = sec[offset:offset + nbytes].view(tdt).reshape(shape)
@@ -227,7 +227,7 @@ def _strided_layer_tensors(header: ChunkHeader, payload, first: int, stride: int
             for d, i in zip(per_layer, range(header.layers)):
                 start = first + i * stride + offset
                 d[name] = payload[start:start + nbytes].view(tdt).reshape(shape) if nbytes else \
-                    torch.empty(shape, dtype=tdt)
+                    torch.empty(shape, dtype=tdt, device=payload.device)
             continue
         typed = payload[:payload.numel() - payload.numel() % size].view(tdt)
         inner = [math.prod(shape[j + 1:]) for j in range(len(shape))]
