@@ -288,7 +288,11 @@ def decode_chunk(data: object, *, source: str | None = None, device=None, dtype=
     nobody else holds); otherwise it is copied once. Raises :class:`CorruptData` for
     any damage.
     """
-    header, payload = chunk_payload(data, source=source, borrow=borrow)
+    # A move to another device copies anyway: view the bytes in place for it rather than
+    # copying them on the host first (a 32 MiB chunk's copy into fresh, page-faulting memory
+    # cost more than the transfer itself).
+    off_host = device is not None and _torch().device(device).type != "cpu"
+    header, payload = chunk_payload(data, source=source, borrow=borrow or off_host)
     if device is not None:
         # One transfer of the whole payload, then views on the device: far faster than a
         # copy per tensor per layer (thousands of small host-to-device copies).

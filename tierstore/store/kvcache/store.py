@@ -442,8 +442,10 @@ class KVCacheStore:
         t1 = time.perf_counter()
         if any(b is None for b in blobs):
             return None
+        # The cache copies a payload onto its device: a host copy first would be wasted.
+        borrow = self._borrow or self._device_cache.device.type != "cpu"
         for key, blob in zip(missing, blobs):
-            header, payload = chunk_payload(blob, source=key, borrow=self._borrow)
+            header, payload = chunk_payload(blob, source=key, borrow=borrow)
             found[key] = (header, self._device_cache.put(key, header, payload))
         headers, chunks = [], []
         for key in keys:
