@@ -105,3 +105,16 @@ def test_a_batch_too_large_for_one_request_is_a_clear_error(s3col, inprocess):
     queries = np.random.default_rng(3).standard_normal((16_000, s3col.col.dim)).astype(np.float32)
     with pytest.raises(PayloadTooLarge, match="fewer queries"):
         s3col.col.search(queries, 10, executor=FanoutExecutor(inprocess, partitions=1, branching=2))
+
+
+def test_a_selection_that_inflates_past_its_rows_is_refused():
+    """A few kB of zlib can inflate to gigabytes: the decoder stops at the bitmap size of ``size`` rows."""
+    import zlib
+
+    from tierstore.serverless.events import decode_selection, encode_selection
+
+    assert decode_selection(encode_selection(np.arange(0, 1_000, 3), 1_000)).size == 1_000
+    bomb = base64.b64encode(zlib.compress(b"\0" * (64 << 20), 9)).decode("ascii")  # 64 MiB from ~65 kB
+    for kind in ("bitmap", "rows"):
+        with pytest.raises(EventError, match="inflates past the 125 bytes"):
+            decode_selection({"size": 1_000, kind: bomb})

@@ -68,7 +68,7 @@ def _coroutine(name: str):
 class AsyncTenant(_Async):
     """A tenant handle with coroutine methods (see :class:`~tierstore.client.tenants.TenantHandle`)."""
 
-    _methods = ("add", "search", "delete", "count")
+    _methods = ("add", "get", "search", "delete", "count")
 
 
 class AsyncCollection(_Async):

@@ -1,9 +1,10 @@
 """Tenants: many users' vectors in one collection, each seeing only its own (Curator-style).
 
-``t = col.tenant("acme")`` is a handle bound to one tenant: its ``add``, ``search``,
-``delete`` and ``count`` see only rows that tenant holds. A row may be held by several
-tenants (``col.grant(ids, tenant)`` / ``col.revoke(ids, tenant)``); ``col.drop_tenant``
-removes a tenant, deleting the rows only it held and leaving shared rows to the others.
+``t = col.tenant("acme")`` is a handle bound to one tenant: its ``add``, ``get``,
+``search``, ``delete`` and ``count`` see only rows that tenant holds. A row may be held
+by several tenants (``col.grant(ids, tenant)`` / ``col.revoke(ids, tenant)``);
+``col.drop_tenant`` removes a tenant, deleting the rows only it held and leaving shared
+rows to the others.
 
 **Index.** One shared clustering (the collection's posting lists, built once for all
 tenants) and, per tenant, a short sorted list of its rows and the count of its rows in
@@ -27,7 +28,9 @@ attributes) and survives a crash or a reopen.
 is parsed against the user schema, so it cannot even name the hidden column); there is no
 code path from a handle to rows outside its tenant. Ids are global to the collection: a
 tenant adding an id held only by others gets :class:`AlreadyExists` (the id is taken);
-replacing a row it shares with others is refused the same way.
+replacing a row it shares with others is refused the same way; ``get`` and ``delete``
+treat another tenant's ids as absent. A handle's ``res.stats`` describe its own rows only
+(no collection-wide row counts, which would tell a tenant how much the others hold).
 """
 
 from __future__ import annotations
@@ -48,11 +51,16 @@ _TENANT_CACHE = 4096  # tenants (with a filter) whose row sets stay in memory
 
 
 def check_tenant_name(name: object) -> str:
-    """A tenant name: a non-empty str of at most 256 characters, no control characters."""
+    """A tenant name: a non-empty str of at most 256 characters, no control characters (C0, DEL,
+    C1) and no lone surrogates (which no store can encode). Names are compared exactly: no case
+    folding or Unicode normalisation, so look-alikes (``"ACME"``, fullwidth ``"ａｃｍｅ"``) are
+    other tenants."""
     if not isinstance(name, str):
         raise InvalidType(f"a tenant name must be a str, got {type(name).__name__}")
-    if not name or len(name) > 256 or any(ord(c) < 32 for c in name):
-        raise InvalidArgument(f"a tenant name must be 1-256 printable characters, got {name!r:.80}")
+    if not name or len(name) > 256 or any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF
+                                          for c in name):
+        raise InvalidArgument(f"a tenant name must be 1-256 printable characters (no control characters or "
+                              f"lone surrogates), got {name!r:.80}")
     return name
 
 
@@ -129,6 +137,10 @@ class TenantHandle:
     def add(self, ids: object, vectors: object, attributes: Sequence[Mapping[str, Any]] | None = None) -> int:
         """Insert or replace this tenant's ``vectors`` under ``ids`` (durable on return)."""
         return self._collection._tenant_add(self.name, ids, vectors, attributes)
+
+    def get(self, ids: object, *, include_vectors: bool = True) -> list[dict[str, Any] | None]:
+        """As :meth:`Collection.get`, for this tenant's rows: ``None`` for ids it does not hold."""
+        return self._collection._tenant_get(self._name, ids, include_vectors)
 
     def search(self, x: object, k: int = 10, *, filter: Mapping | None = None, explain: bool = False,
                **params: Any) -> SearchResult:
@@ -264,9 +276,37 @@ class Tenancy:
         xq, k, sp = self._query_args(x, k, params)
         with self._lock:
             self._check_open()
-            result = self._search_matches(xq, k, sp, self._tenant_matches(name, filter_spec), explain)
-            result.stats["tenant"] = name
-            return result
+            found = self._tenant_matches(name, filter_spec)
+            result = self._search_matches(xq, k, sp, found, explain)
+        stats = result.stats
+        # Collection-wide counts would tell a tenant how many rows the others hold
+        # (matches / selectivity = every live row): report the tenant's own instead.
+        stats.pop("selectivity", None)
+        if "explain" in stats:
+            stats["explain"].update(indexed_rows=int(found.in_index.size), delta_rows=int(found.delta.size))
+        stats["tenant"] = name
+        return result
+
+    def _tenant_get(self, name, ids, include_vectors: bool) -> list:
+        name = check_tenant_name(name)
+        if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
+            ids = [ids]
+        wanted = np.atleast_1d(_as_array(ids))
+        if wanted.dtype.kind not in "iu" or wanted.ndim != 1:
+            raise InvalidType(f"ids must be a 1-D sequence of integers, got {wanted.dtype} of shape {wanted.shape}")
+        out: list = [None] * wanted.size
+        with self._lock:
+            self._check_open()
+            in_range = wanted <= np.iinfo(np.int64).max if wanted.dtype.kind == "u" else wanted >= 0
+            rows = np.full(wanted.size, -1, np.int64)
+            rows[in_range] = self.rows.lookup(wanted[in_range].astype(np.int64))
+            mine = (rows >= 0) & np.isin(rows, self._tenant_rows(name))
+            if not mine.any():
+                return out
+            held = self.get(wanted[mine].astype(np.int64), include_vectors=include_vectors)
+        for slot, row in zip(np.flatnonzero(mine).tolist(), held):
+            out[slot] = row
+        return out
 
     def _tenant_count(self, name: str) -> int:
         name = check_tenant_name(name)
@@ -282,6 +322,8 @@ class Tenancy:
         if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
             ids = [ids]
         ids_arr = np.atleast_1d(_as_array(ids))
+        if ids_arr.ndim != 1:  # checked before the look-up of who holds them
+            raise InvalidType(f"ids must be a 1-D sequence of integers, got {ids_arr.dtype} of shape {ids_arr.shape}")
         with self._lock:
             self._check_open()
             if attributes is not None and (not isinstance(attributes, Sequence) or isinstance(attributes, (str, bytes))):

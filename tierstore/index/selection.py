@@ -64,7 +64,7 @@ class RowSelection:
                     # from rows, the mask is only a step to the bitmap: not kept (a byte a row)
                     mask = self._mask if self._mask is not None else self._rows_mask()
                     self._bitmap = np.packbits(mask, bitorder="little")
-                    self._selector = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(self._bitmap))
+                    self._selector = faiss.IDSelectorBitmap(self._bitmap.size, faiss.swig_ptr(self._bitmap))
             params = self._params[nprobe] = faiss.SearchParametersIVF(sel=self._selector, nprobe=nprobe)
         return params
 

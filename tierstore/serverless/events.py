@@ -114,10 +114,16 @@ def decode_selection(spec: object, field: str = "selection"):
         raise EventError(f"event field {field!r} must have exactly 'size' and one of 'rows'/'bitmap', "
                          f"got {sorted(spec)}")
     text = spec[kind]
+    # Either form is at most a bitmap's bytes (encode_selection picks the smaller): stop
+    # inflating past that, so a small event cannot expand into gigabytes (a zlib bomb).
+    limit = (size + 7) // 8
     try:
-        raw = zlib.decompress(base64.b64decode(str(text).encode("ascii"), validate=True), bufsize=1 << 16)
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(str(text).encode("ascii"), validate=True), limit + 1)
     except (binascii.Error, zlib.error, ValueError, UnicodeEncodeError) as exc:
         raise EventError(f"event field '{field}.{kind}' is not zlib-compressed base64: {exc}") from exc
+    if len(raw) > limit or inflater.unconsumed_tail:
+        raise EventError(f"event field '{field}.{kind}' inflates past the {limit} bytes that {size} rows need")
     if kind == "rows":
         if len(raw) % 8:
             raise EventError(f"event field '{field}.rows' is not a whole number of int64 rows")

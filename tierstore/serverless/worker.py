@@ -17,12 +17,15 @@ look-up tables, and therefore every code score, are bit-identical to a local sca
 
 A worker only reads under its configured ``bucket``/``prefix``; an event naming any
 other bucket or prefix, or a key with ``..``, is an :class:`~tierstore.errors.EventError`.
+So is an event whose arrays do not fit the index it names (queries of another ``dim``, a
+``selection`` over fewer rows than the lists hold): faiss reads those buffers unchecked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -31,9 +34,10 @@ from typing import Any
 import numpy as np
 from xxhash import xxh3_64_intdigest
 
-from ..errors import ConfigError, EventError, NotFound, WorkerError
+from ..errors import ConfigError, EventError, InvalidArgument, NotFound, WorkerError
 from ..index.postings import fetch_lists, plan_reads
 from ..index.spann import SpannIndex
+from ..tiers.keys import validate_key
 from .candidates import Candidates, gather_children
 from .events import child_event, decode_array, parse_event
 from .plan import PartitionPlan, build_plan, directory_digest
@@ -41,13 +45,18 @@ from .tree import call_children, subtree_partitions
 
 __all__ = ["WorkerConfig", "Worker"]
 
+# S3's bucket names (legacy ones included): one path segment, never '.' or '..'.
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,254}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerConfig:
     """Where a worker may read, and how.
 
-    :param bucket: the S3 bucket of the database (``s3://bucket/prefix``).
-    :param prefix: the database's prefix; the worker reads nothing outside it.
+    :param bucket: the S3 bucket of the database (``s3://bucket/prefix``); an S3 bucket name.
+    :param prefix: the database's prefix; the worker reads nothing outside it. Checked like a
+        key (:func:`~tierstore.tiers.validate_key`: no ``..`` segment, backslash or NUL), else
+        :class:`~tierstore.errors.ConfigError`.
     :param endpoint_url: an S3-compatible endpoint (moto, MinIO); ``None`` for AWS.
     :param region_name: the S3 region (default: boto3's chain, else us-east-1).
     :param cache_dir: keep fetched partitions and index state here too (``/tmp/...`` on
@@ -66,11 +75,17 @@ class WorkerConfig:
     coalesce_gap: int = 1 << 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bucket, str) or not self.bucket:
-            raise ConfigError(f"bucket must be a non-empty str, got {self.bucket!r}")
+        if not isinstance(self.bucket, str) or not _BUCKET.fullmatch(self.bucket):
+            raise ConfigError(f"bucket must be an S3 bucket name (3-255 letters, digits, '.', '-' or '_', "
+                              f"starting with a letter or digit), got {self.bucket!r}")
         if not isinstance(self.prefix, str):
             raise ConfigError(f"prefix must be a str, got {self.prefix!r}")
         object.__setattr__(self, "prefix", self.prefix.strip("/"))
+        if self.prefix:
+            try:  # the worker reads only under it: no '..' segment, backslash, NUL, ...
+                validate_key(self.prefix)
+            except InvalidArgument as exc:
+                raise ConfigError(f"prefix {self.prefix!r} is not usable: {exc}") from exc
         if isinstance(self.s3_get_delay, bool) or not isinstance(self.s3_get_delay, (int, float)) \
                 or self.s3_get_delay < 0:
             raise ConfigError(f"s3_get_delay must be seconds >= 0, got {self.s3_get_delay!r}")
@@ -104,9 +119,10 @@ class _OneValue:
 class _Partition:
     """One partition's lists in a scanner of their own (scanned under a lock: faiss sets nprobe)."""
 
-    def __init__(self, scanner, nbytes: int) -> None:
+    def __init__(self, scanner, nbytes: int, rows: int) -> None:
         self.scanner = scanner
         self.nbytes = nbytes
+        self.rows = rows  # 1 + the largest row its lists hold: a selection must cover them
         self.lock = threading.Lock()
 
 
@@ -232,10 +248,13 @@ class Worker:
                                                 for ids, codes in (fetched[int(n)] for n in lists)))
             scanner = index.codes.new_scanner()
             scanner.attach_coarse(index._slot_coarse)  # what SpannIndex._new_scanner does
+            rows = 0
             for list_no in lists.tolist():
                 ids, codes = fetched[list_no]
+                if ids.size:
+                    rows = max(rows, int(ids.max()) + 1)
                 scanner.load_list(list_no, np.ascontiguousarray(ids), np.ascontiguousarray(codes))
-            held = _Partition(scanner, int(directory.length[lists].sum()))
+            held = _Partition(scanner, int(directory.length[lists].sum()), rows)
             with self._lock:
                 self._partitions[ident] = held
             return held
@@ -279,6 +298,9 @@ class Worker:
         held, l2 = [], True
         if ev.scan:  # a node with only sub-trees to call needs no index state
             index = self._index(ev.index, ev.digest, counters)
+            if ev.dim != index.dim:  # faiss would read dim floats per query from a shorter buffer
+                raise EventError(f"event field 'dim' is {ev.dim} but the index at {ev.index!r} holds "
+                                 f"{index.dim}-dimensional vectors; send queries of that dimension")
             slots = index.directory.nlist
             if ev.lists.size and (int(ev.lists.min()) < -1 or int(ev.lists.max()) >= slots):
                 # faiss reads list numbers unchecked: one out of range would crash the container
@@ -287,6 +309,11 @@ class Worker:
             plan = self._plan(ev.index, ev.digest, index, ev.partitions)
             held = [(self._partition(ev.index, ev.digest, index, plan, part, counters), queries)
                     for part, queries in ev.scan]
+            needed = max((partition.rows for partition, _ in held), default=0)
+            if ev.selection is not None and ev.selection.size < needed:
+                # faiss's bitmap selector would read past the bitmap for the rows beyond it
+                raise EventError(f"event field 'selection.size' is {ev.selection.size} but the lists scanned hold "
+                                 f"rows up to {needed - 1}; send a selection over every indexed row")
             l2 = index.metric == "l2"
         scan_start = time.perf_counter()
         sources = []
