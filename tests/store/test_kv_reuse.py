@@ -89,17 +89,19 @@ def test_prefix_kv_from_the_store_decodes_like_a_full_prefill(model, prompts, tm
 
     full = model(prompts, use_cache=True)
     reference = greedy(model, output_cache(full), full.logits, DECODE)
-    for kind, layers in loaded.items():
-        tail = model(prompts[:, cached:], **{cache_argument(model): to_dynamic_cache(layers)}, use_cache=True)
-        reused = greedy(model, output_cache(tail), tail.logits, DECODE)
-        same_rows = int((reused == reference).all(1).sum())
-        agreement = float((reused == reference).float().mean())
-        print(f"\nprefix reuse from {kind}, fp16: {same_rows}/{PROMPTS} prompts decode identically to a full "
-              f"prefill; {agreement:.4f} of tokens equal")
-        # The KV is bit-exact (above); float16 arithmetic still differs with the prefill's
-        # shape (160 tokens at once against 32 after a cached 128), so on another CPU a
-        # near-tie could flip an argmax. On this one every prompt decodes identically.
-        assert same_rows == PROMPTS and agreement == 1.0, kind
+    # Every tier gave back the same bits (above), and decoding is deterministic: decoding
+    # from one tier's KV stands for all three (it was a minute a tier on CI's CPU).
+    layers = loaded["s3"]
+    tail = model(prompts[:, cached:], **{cache_argument(model): to_dynamic_cache(layers)}, use_cache=True)
+    reused = greedy(model, output_cache(tail), tail.logits, DECODE)
+    same_rows = int((reused == reference).all(1).sum())
+    agreement = float((reused == reference).float().mean())
+    print(f"\nprefix reuse from the store (memory, LMDB and S3 gave the same bits), fp16: {same_rows}/{PROMPTS} "
+          f"prompts decode identically to a full prefill; {agreement:.4f} of tokens equal")
+    # The KV is bit-exact (above); float16 arithmetic still differs with the prefill's
+    # shape (160 tokens at once against 32 after a cached 128), so on another CPU a
+    # near-tie could flip an argmax. On this one every prompt decodes identically.
+    assert same_rows == PROMPTS and agreement == 1.0
 
 
 def test_store_tokens_as_numpy_and_tensor_agree(prompts, tmp_path):
