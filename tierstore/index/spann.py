@@ -43,6 +43,22 @@ from .updates import ListUpdates
 
 __all__ = ["SpannIndex"]
 
+class _SilentBar:
+    """What a build calls on its progress bar, doing nothing (``progress=False``)."""
+
+    def __enter__(self) -> _SilentBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def set_postfix_str(self, text: str) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+
 class SpannIndex(ListUpdates):
     """A built index over rows ``0..n-1`` (see the module docstring)."""
 
@@ -129,7 +145,11 @@ class SpannIndex(ListUpdates):
             raise InvalidArgument("cannot build an index over an empty collection; add vectors first")
         if progress is None:
             progress = x.shape[0] >= 100_000 and sys.stderr.isatty()
-        with tqdm(total=4, desc=f"index {x.shape[0]:,} vectors", unit="stage", disable=not progress) as bar:
+        # No tqdm object at all without a bar: even a disabled one starts tqdm's monitor
+        # thread, which then outlives the database.
+        bar = (tqdm(total=4, desc=f"index {x.shape[0]:,} vectors", unit="stage") if progress
+               else _SilentBar())
+        with bar:
             return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device,
                               key_suffix)
 

@@ -64,7 +64,7 @@ def validate_key(key: object) -> str:
     raise InvalidType(f"key must be a str, got {type(key).__name__}")
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=4096)  # hot keys; WAL and KV keys are mostly seen once
 def _validated_key(key: str) -> str:
     # A pure function of its argument, so memoising it is safe; only valid keys are
     # cached (an exception is never cached).
