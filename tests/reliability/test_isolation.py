@@ -210,14 +210,18 @@ def test_malformed_ids_are_typed_errors_or_find_nothing(tenants, ids):
 
 def test_a_handle_offers_no_way_to_another_tenants_rows(tenants):
     """No admin calls on a handle (grant/revoke/drop stay on the collection), and hidden memberships
-    given to ``add`` are dropped: beta cannot tag its rows into acme's view, nor acme's into its own."""
+    given to ``add`` are refused (as ``col.add`` refuses them): beta cannot tag its rows into acme's
+    view, nor acme's into its own."""
     col, x, snapshot = tenants
     beta = col.tenant("beta")
     assert {name for name in dir(beta) if not name.startswith("_")} == {"name", "add", "get", "search", "delete",
                                                                         "count"}
-    assert beta.add([50_000], x["acme"][:1] + 0.001, [{"__tenants": ["acme", "beta"], "section": "a"}]) == 1
+    with pytest.raises(InvalidArgument, match="keeps for tenants"):
+        beta.add([50_000], x["acme"][:1] + 0.001, [{"__tenants": ["acme", "beta"], "section": "a"}])
+    assert col.get([50_000]) == [None]  # nothing written
+    assert beta.add([50_000], x["acme"][:1] + 0.001, [{"section": "a"}]) == 1
     got = col.get([50_000])[0]
-    assert got is not None and got["attributes"] == {"section": "a"}  # the memberships given were dropped
+    assert got is not None and got["attributes"] == {"section": "a"}
     assert 50_000 not in col.tenant("acme").search(x["acme"][0], k=50).ids
     assert col.tenant("acme").get([50_000]) == [None] and beta.get([50_000])[0]["id"] == 50_000
     assert beta.delete([50_000]) == 1 and col.get([50_000]) == [None]

@@ -527,3 +527,19 @@ def test_requests_are_counted_by_method(make):
     assert extra["requests"] == 7
     assert extra["bucket"] == tier.bucket and extra["prefix"] == tier.prefix
     assert tier.stats().items is None and tier.stats().bytes_stored is None
+
+
+def test_a_key_too_long_with_the_prefix_is_refused_before_any_request(make, s3_location, raw):
+    """S3 allows 1,024 bytes of key: a prefix plus key past that is an InvalidKey naming both."""
+    prefix = s3_location["prefix"] + "/" + "/".join(["p" * 200] * 4)  # segments of at most 255 bytes
+    tier = make(prefix=prefix, check_bucket=False)
+    before = dict(requests(tier))
+    with pytest.raises(InvalidKey, match="use a shorter prefix or name"):
+        tier.put("k" * 200, b"x")
+    with pytest.raises(InvalidKey):
+        tier.get("k" * 200)
+    assert requests(tier) == before  # nothing was sent
+    tier.put("k" * 50, b"x")  # within the limit with the prefix
+    assert tier.get("k" * 50) == b"x"
+    listed = raw.list_objects_v2(Bucket=s3_location["bucket"], Prefix=prefix)
+    assert [o["Key"] for o in listed["Contents"]] == [prefix + "/" + "k" * 50]

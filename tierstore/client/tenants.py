@@ -338,6 +338,12 @@ class Tenancy:
                             raise AlreadyExists(f"id {int(ids_arr[i])} is already used in collection {self.name!r}; "
                                                 "ids are global to the collection: choose another id")
             given = list(attributes) if attributes is not None else [None] * ids_arr.size
+            for i, item in enumerate(given):
+                if item is not None and not isinstance(item, Mapping):
+                    raise InvalidType(f"attributes[{i}] must be a dict or None, got {type(item).__name__}")
+                if item is not None and TENANTS in item:  # as col.add refuses it: memberships are not data
+                    raise InvalidArgument(f"attributes[{i}] has {TENANTS!r}, a name tierstore keeps for tenants; "
+                                          "a handle's rows belong to its tenant (share them with col.grant)")
             tagged = [_with_holders(a, {name}) for a in given]
             return self._upsert(ids, vectors, tagged, internal=True)
 

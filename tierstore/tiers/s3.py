@@ -24,11 +24,11 @@ from botocore.config import Config
 from botocore.exceptions import (BotoCoreError, ClientError, FlexibleChecksumError, IncompleteReadError,
                                  ResponseStreamingError)
 
-from ..errors import AlreadyExists, ConfigError, InvalidArgument, NotFound, TierUnavailable
+from ..errors import AlreadyExists, ConfigError, InvalidArgument, InvalidKey, NotFound, TierUnavailable
 from ._s3_errors import BadBody, ErrorTranslator, NoConditionalWrites, Replaced, Unsatisfiable
 from ._s3_transfer import MIN_PART_SIZE, ViewReader, cancel, content_range, gather, submit, upload_multipart
 from .base import BaseTier
-from .keys import validate_key
+from .keys import MAX_KEY_BYTES, validate_key
 
 # transport failures that can escape botocore (while it reads an error response's body)
 _TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError)
@@ -218,6 +218,10 @@ class S3Tier(BaseTier):
         """
         if key is not None:
             params["Key"] = self._root + key
+            size = len(params["Key"].encode("utf-8"))
+            if size > MAX_KEY_BYTES:  # S3 refuses it; say which part to shorten
+                raise InvalidKey(f"S3 key {params['Key'][:60]!r}... is {size} bytes with the prefix "
+                                 f"{self._root[:40]!r}; S3 allows {MAX_KEY_BYTES}: use a shorter prefix or name")
         for attempt in range(self.max_attempts):
             try:
                 return getattr(self._client(), op)(Bucket=self.bucket, **params)
