@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -33,3 +34,18 @@ def random_bytes(size: int, seed: int = 0) -> bytes:
 
 def torch_or_skip():
     return pytest.importorskip("torch")
+
+
+class RecordingInvoker:
+    """Wraps a serverless invoker and keeps every event it is given (decoded) in ``events``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.events: list[dict] = []
+
+    def invoke(self, payload, affinity=None):
+        self.events.append(json.loads(payload))
+        return self.inner.invoke(payload, affinity=affinity)
+
+    def close(self) -> None:
+        self.inner.close()

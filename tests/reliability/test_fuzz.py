@@ -35,7 +35,7 @@ from tierstore.errors import CorruptData, EventError, TierstoreError
 from tierstore.store.blob import decode_blob
 from tierstore.tiers import LmdbTier
 
-from ..conftest import BUCKET
+from ..conftest import BUCKET, RecordingInvoker
 from ._report import REPORT
 
 FULL = os.environ.get("TIERSTORE_RELIABILITY") == "full"
@@ -567,22 +567,10 @@ def s3_search_event(moto_server):
     col = db.create_collection("docs", dim=DIM)
     col.add(np.arange(N_BASE), clustered(N_BASE))
     col.build_index(target_list_size=32)
-    recorded = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def invoke(self, payload, affinity=None):
-            recorded.append(json.loads(payload))
-            return self.inner.invoke(payload, affinity=affinity)
-
-        def close(self):
-            self.inner.close()
-
     config = WorkerConfig(bucket=BUCKET, prefix=prefix, endpoint_url=moto_server.endpoint_url)
-    FanoutExecutor(Recording(InProcessInvoker(config)), partitions=2, branching=2).search(col, QUERIES, 5)
-    yield {"event": recorded[0], "prefix": prefix, "endpoint": moto_server.endpoint_url}
+    recording = RecordingInvoker(InProcessInvoker(config))
+    FanoutExecutor(recording, partitions=2, branching=2).search(col, QUERIES, 5)
+    yield {"event": recording.events[0], "prefix": prefix, "endpoint": moto_server.endpoint_url}
     db.close()
 
 

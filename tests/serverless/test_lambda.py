@@ -14,6 +14,8 @@ from tierstore.serverless.events import MAX_PAYLOAD
 from tierstore.serverless.handler import make_handler
 from tierstore.testing.lambda_server import LambdaServer
 
+from ..conftest import RecordingInvoker
+
 NAME = "tierstore-search"
 
 
@@ -104,18 +106,9 @@ def test_unknown_function(lambda_api):
 
 
 def test_lambda_handler_reads_its_configuration_from_the_environment(s3col, queries, monkeypatch):
-    recorded = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def invoke(self, payload, affinity=None):
-            recorded.append(json.loads(payload))
-            return self.inner.invoke(payload, affinity=affinity)
-
-    FanoutExecutor(Recording(InProcessInvoker(s3col.config())), partitions=1, branching=2).search(
-        s3col.col, queries[:4], 5)
+    recording = RecordingInvoker(InProcessInvoker(s3col.config()))
+    FanoutExecutor(recording, partitions=1, branching=2).search(s3col.col, queries[:4], 5)
+    recorded = recording.events
     monkeypatch.setenv("TIERSTORE_BUCKET", s3col.bucket)
     monkeypatch.setenv("TIERSTORE_PREFIX", s3col.prefix)
     monkeypatch.setenv("TIERSTORE_S3_ENDPOINT", s3col.endpoint_url)
