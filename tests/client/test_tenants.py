@@ -29,7 +29,9 @@ def test_handles_see_only_their_rows(setup):
     assert big.count() == 2_000 and small.count() == 100 and col.tenants() == ["big", "small"]
     res = small.search(x[:20], k=10)  # queries near big's vectors
     assert res.stats["plan"] == "exact" and ((res.ids >= 2_000) & (res.ids < 2_100)).all()
-    res = big.search(x[2_000:2_020], k=10)
+    res = big.search(x[2_000:2_020], k=10)  # 2,000 rows: scanned exactly at k=10 (up to 32 x 80 candidates)
+    assert res.stats["plan"] == "exact" and ((res.ids >= 0) & (res.ids < 2_000)).all()
+    res = big.search(x[2_000:2_020], k=3)  # 24 candidates: the widened filtered IVF
     assert res.stats["plan"] == "filtered_ivf" and ((res.ids >= 0) & (res.ids < 2_000)).all()
     res = big.search(x[:20], k=10, filter={"kind": "odd"})
     assert (res.ids % 2 == 1).all() and (res.ids < 2_000).all()
@@ -128,3 +130,32 @@ def test_the_tenant_index_follows_writes_without_a_rebuild(setup):
     assert col.tenant("small").count() == 102 and col.tenant("fresh").count() == 1
     assert col._tenant_postings is not postings  # rebuilt over the new row numbers
     assert col.tenant_stats()["memberships"] == 2_000 + 102 + 1
+
+
+def test_build_lays_each_tenant_out_together(setup):
+    """After a build a tenant's rows are one run (list by list inside it): its exact scan streams."""
+    _, col, _, _ = setup
+    for name, size in (("big", 2_000), ("small", 100)):
+        rows = col._tenant_rows(name)
+        assert rows.size == size and rows[-1] - rows[0] == size - 1, (name, rows[:5], rows[-5:])
+        assert (np.diff(col.rows.row_list[rows]) >= 0).all()  # list by list within the tenant
+
+
+def test_single_query_probe_equals_the_batch_probe(setup):
+    """probe_filtered's one-query path (numpy) picks the same lists, with the same scores, as the batch path (faiss)."""
+    _, col, x, _ = setup
+    index = col.index
+    rng = np.random.default_rng(3)
+    xq = x[rng.choice(3_000, 32, replace=False)]
+    for share in (0.5, 0.05, 0.005):  # broad, widened, very sparse matches
+        matches = (rng.random(index.directory.nlist) < share) * rng.integers(1, 40, index.directory.nlist)
+        matches = matches.astype(np.int32)
+        matches[~index.active] = 0
+        for nprobe, target in ((4, 50), (8, 400)):
+            batch_scores, batch_lists = index.probe_filtered(xq, nprobe, matches, target)
+            for i in range(xq.shape[0]):
+                scores, lists = index.probe_filtered(xq[i:i + 1], nprobe, matches, target)
+                width = lists.shape[1]
+                assert (batch_lists[i, width:] == -1).all()
+                np.testing.assert_array_equal(lists[0], batch_lists[i, :width])
+                np.testing.assert_allclose(scores[0], batch_scores[i, :width], rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ from ..index.params import IndexParams
 from ..index.spann import SpannIndex
 from ..index.vectors import VectorStore
 from ..store.blob import encode_blob
+from ._filtered import TENANTS
 from ._rows import RowTable
 
 __all__ = ["Checkpoints"]
@@ -150,7 +151,8 @@ class Checkpoints:
         index, assignment, order = SpannIndex.build(self.tier, self._gen_prefix, x, metric=self._index_metric,
                                                     params=params, cache_bytes=self.memory_cache,
                                                     coalesce_gap=self.db.coalesce_gap, progress=progress,
-                                                    scan_device=self.db.scan_device, key_suffix=self._key_suffix)
+                                                    scan_device=self.db.scan_device, key_suffix=self._key_suffix,
+                                                    group=_tenant_groups(attrs))
         x, ids = x[order], ids[order]
         attrs = None if attrs is None else [attrs[i] for i in order.tolist()]
         vectors = VectorStore(self.tier, self._gen_prefix, self.dim, coalesce_gap=self.db.coalesce_gap // 8,
@@ -175,3 +177,14 @@ class Checkpoints:
         if not any(a is not None for a in every):
             return None
         return [every[r] for r in rows.tolist()]
+
+
+def _tenant_groups(attrs: list | None) -> np.ndarray | None:
+    """Each row's first tenant as an int (rows of no tenant first), or ``None`` without tenants:
+    the build then lays a tenant's rows out together (see :meth:`SpannIndex.build`)."""
+    if attrs is None:
+        return None
+    firsts = [a[TENANTS][0] if a is not None and a.get(TENANTS) else "" for a in attrs]
+    if not any(firsts):
+        return None
+    return np.unique(np.array(firsts, dtype=object), return_inverse=True)[1].astype(np.int64)

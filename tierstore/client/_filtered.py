@@ -27,6 +27,7 @@ filter and the planner's limits.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import faiss
@@ -56,10 +57,15 @@ TARGET_FACTOR = 16  # matching rows the probed lists must hold, in multiples of 
 TENANT_TARGET_FACTOR = 8
 MIN_RERANK = 8     # filtered searches rerank at least this many candidates per result
 _MASK_CACHE = 32  # filters whose match masks are kept (a tenant or section filter repeats)
-# Scoring a tenant's row exactly (a gather of its full vector) costs about as much as
-# code-scanning this many list rows (pq4fs fast-scan reads whole lists, matching or not):
-# measured on bench/tenants.py, where a large tenant's rows are spread over most lists.
-EXACT_ROW_COST = 12
+# Scoring a tenant's row exactly (its full vector; a build lays a tenant's rows out
+# together, so they stream) costs about as much as code-scanning this many list rows
+# (pq4fs fast-scan reads whole lists, matching or not, then reranks): measured on
+# bench/tenants.py (~36 ns a row exactly, ~6 ns a list row by codes, 384 dimensions).
+EXACT_ROW_COST = 6
+# A tenant is scanned exactly up to this many candidates' worth of rows (2,560 at k=10):
+# below it the exact scan (~36 ns a row) costs no more than probing and scoring the lists
+# that hold TENANT_TARGET_FACTOR x the candidates (measured on bench/tenants.py).
+TENANT_EXACT_FACTOR = 32
 # A memoised filter keeping at most this share of the rows gets compacted lists (only its
 # rows' codes) on its second search; all compacted lists together stay within
 # COMPACT_BUDGET x the index's list bytes.
@@ -84,27 +90,18 @@ class _Matches:
         self.searches = 0                     # filtered-IVF searches over these rows (compaction pays on repeats)
         self.compactable = True               # a tenant's rows are not: the tenant index keeps to its budget
         self.compact: tuple | None = None     # (index, scanner, nbytes): lists holding only these rows' codes
-        self._by_list: tuple | None = None    # (index, starts, rows): the rows of these each list stores
+        self.row_lists: np.ndarray | None = None  # each of in_index's primary list (with per_list)
 
     def selection(self) -> RowSelection:
         if self._selection is None:
             self._selection = RowSelection.from_rows(self.in_index, self.indexed)
         return self._selection
 
-    def by_list(self, index) -> tuple[np.ndarray, np.ndarray]:
-        """``(starts, rows)``: these rows as each posting list of ``index`` stores them (replicas
-        included), ``rows[starts[slot]:starts[slot + 1]]`` as int32; built once per index state."""
-        if self._by_list is None or self._by_list[0] is not index:
-            mask = np.zeros(self.indexed, bool)  # a step only: a byte a row is not kept per tenant
-            mask[self.in_index] = True
-            self._by_list = (index, *_rows_by_list(index, mask))
-        return self._by_list[1], self._by_list[2]
-
     @property
     def nbytes(self) -> int:
         extra = self._selection.nbytes if self._selection is not None else 0
-        if self._by_list is not None:
-            extra += self._by_list[1].nbytes + self._by_list[2].nbytes
+        if self.row_lists is not None:
+            extra += self.row_lists.nbytes
         if self.compact is not None:
             extra += self.compact[2]
         return self.rows.nbytes + (self.per_list.nbytes if self.per_list is not None else 0) + extra
@@ -178,11 +175,11 @@ class FilteredSearch:
         """
         if (not params and type(k) is int and k > 0 and type(x) is np.ndarray and x.dtype == np.float32
                 and x.shape == (self.dim,)):
-            square = x.dot(x)
-            if np.isfinite(square) and square > 0:
+            square = float(x.dot(x))
+            if 0.0 < square < math.inf:  # False for NaN too
                 if self.metric != "cosine":
                     return np.ascontiguousarray(x[None, :]), k, _DEFAULT_SEARCH
-                return (x / float(np.sqrt(square)))[None, :], k, _DEFAULT_SEARCH
+                return (x / math.sqrt(square)).reshape(1, -1), k, _DEFAULT_SEARCH
         return self._search_args(x, k, params)
 
     def _search_filtered(self, xq: np.ndarray, k: int, sp, filter_spec: Any, explain: bool) -> SearchResult:
@@ -192,7 +189,7 @@ class FilteredSearch:
         """The top ``k`` among ``found``'s rows: the exact plan or the widened filtered IVF."""
         matches = found.count
         candidates = k * max(sp.rerank, MIN_RERANK)
-        exact_limit = max(EXACT_MIN, 8 * candidates)
+        exact_limit = max(EXACT_MIN, (8 if found.compactable else TENANT_EXACT_FACTOR) * candidates)
         stats: dict[str, Any] = {"matches": matches, "selectivity": found.selectivity, "plan": "exact"}
         parts = []
         if found.in_index.size:
@@ -227,15 +224,16 @@ class FilteredSearch:
         :meth:`_compact_lists`) when it has them, else the whole lists with a selector that
         skips the other rows; either way the same candidates, reranked exactly. A tenant's
         rows (no compacted lists: the tenant index keeps to its memory budget) spread thinly
-        over the lists are instead scored exactly where that costs less than the scan: the
-        rows each probed list stores, gathered from the tenant's per-list row sets (as
-        Curator scans a tenant's short lists), no codes and no rerank. Exact scoring sees the
-        same rows as the scan, so it finds at least what the scan and rerank would.
+        over the lists are instead scored exactly where that costs less than the scan: its
+        rows whose primary list is probed (as Curator scans a tenant's short lists), no
+        codes and no rerank. The probe counted matches by primary list, so these are at
+        least ``min(target, matches)`` rows; a build lays a tenant's rows out together, list
+        by list, so they are read as a few runs of memory.
         """
         index = self.index
         if found.per_list is None:
-            found.per_list = np.bincount(self.rows.row_list[found.in_index],
-                                         minlength=index.directory.nlist).astype(np.int32)
+            found.row_lists = self.rows.row_list[found.in_index]
+            found.per_list = np.bincount(found.row_lists, minlength=index.directory.nlist).astype(np.int32)
         factor = TARGET_FACTOR if found.compactable else TENANT_TARGET_FACTOR
         coarse, lists = index.probe_filtered(xq, sp.nprobe, found.per_list, factor * candidates)
         stats["lists_probed"] = int((lists >= 0).sum())
@@ -247,12 +245,10 @@ class FilteredSearch:
             return self._rerank(xq, rows, k)
         vectors = self.vectors.resident
         if not found.compactable and vectors is not None and index.cache_bytes is None:
-            starts, by_list = found.by_list(index)
             picked = lists[lists >= 0]
-            gathered = int((starts[picked + 1] - starts[picked]).sum())
-            if gathered * EXACT_ROW_COST < int(index.directory.count[picked].sum()):
+            if int(found.per_list[picked].sum()) * EXACT_ROW_COST < int(index.directory.count[picked].sum()):
                 stats["scoring"] = "exact"
-                return _exact_in_lists(xq, k, lists, starts, by_list, self._index_metric, vectors)
+                return _exact_in_lists(xq, k, lists, found, self._index_metric, vectors)
         stats["scoring"] = "codes"
         _, rows = index.scan(xq, coarse, lists, candidates, allowed=found.selection())
         return self._rerank(xq, rows, k)  # always exact: the candidates are few
@@ -302,51 +298,30 @@ class FilteredSearch:
         return np.where(rows >= 0, distances, np.inf).astype(np.float32), rows
 
 
-def _rows_by_list(index, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows with ``mask[row]`` that each active list of ``index`` stores: CSR over list slots.
+def _exact_in_lists(xq: np.ndarray, k: int, lists: np.ndarray, found: _Matches, metric: str,
+                    vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` per query among ``found``'s rows whose primary list it probes (``-1`` skipped).
 
-    Read from the scanner's resident lists (ids, replicas included; tombstones are not in
-    the mask): one pass over the lists when a tenant is first searched by this plan.
-    """
-    slots = index.directory.nlist
-    counts = np.zeros(slots + 1, np.int64)
-    parts = []
-    for list_no in index.active_lists.tolist():  # ascending, so the parts lie in slot order
-        ids = index.scanner.list_arrays(list_no)[0]
-        ids = ids[(ids >= 0) & (ids < mask.size)]
-        held = ids[mask[ids]]
-        counts[list_no + 1] = held.size
-        parts.append(held.astype(np.int32))
-    return np.cumsum(counts), np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-
-def _exact_in_lists(xq: np.ndarray, k: int, lists: np.ndarray, starts: np.ndarray, by_list: np.ndarray,
-                    metric: str, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` per query among the rows its lists store (``-1`` lists skipped).
-
-    The rows of every (query, list) pair are gathered in one vectorised pass; a replicated
-    row met in two lists is scored once.
+    The rows come out ascending (a build lays a tenant's rows out together, list by list,
+    so they are read as a few runs); the probe counted matches by primary list, so they
+    are at least ``min(target, matches)``.
     """
     nq = xq.shape[0]
-    query_of, column = np.nonzero(lists >= 0)
-    slots = lists[query_of, column]
-    first = starts[slots]
-    lengths = starts[slots + 1] - first
-    total = int(lengths.sum())
-    ends = np.cumsum(lengths)
-    gathered = by_list[np.arange(total) + np.repeat(first - (ends - lengths), lengths)].astype(np.int64)
-    if nq == 1:  # sort and drop repeats (cheaper than np.unique's hashing for a few thousand rows)
-        gathered.sort()
-        distinct = np.empty(total, bool)
-        distinct[:1] = True
-        np.not_equal(gathered[1:], gathered[:-1], out=distinct[1:])
-        return exact_rows(xq, gathered[distinct], k, metric=metric, vectors=vectors)
-    per_query = np.bincount(query_of, weights=lengths, minlength=nq).astype(np.int64)
-    width = max(int(per_query.max()), 1)
-    owner = np.repeat(np.arange(nq), per_query)
-    candidates = np.full((nq, width), -1, np.int64)
-    candidates[owner, np.arange(total) - (np.cumsum(per_query) - per_query)[owner]] = gathered
-    return rerank(xq, candidates, k, live=None, metric=metric, vectors=vectors)  # drops the repeats
+    if nq == 1:
+        probed = np.zeros(found.per_list.size + 1, bool)  # the last slot takes the -1s
+        probed[lists[0]] = True
+        probed[-1] = False
+        return exact_rows(xq, found.in_index[probed[found.row_lists]], k, metric=metric, vectors=vectors)
+    probed = np.zeros((nq, found.per_list.size + 1), bool)
+    probed[np.arange(nq)[:, None], lists] = True
+    probed[:, -1] = False
+    keep = probed[:, found.row_lists]
+    per_query = keep.sum(axis=1)
+    candidates = np.full((nq, max(int(per_query.max()), 1)), -1, np.int64)
+    query_of, column = np.nonzero(keep)
+    candidates[query_of, np.arange(query_of.size) - (np.cumsum(per_query) - per_query)[query_of]] = \
+        found.in_index[column]
+    return rerank(xq, candidates, k, live=None, metric=metric, vectors=vectors)
 
 
 def _filter_key(filter_spec: Any) -> str | None:

@@ -13,7 +13,10 @@ two-level tree the exact per-list counts serve as both). A tenant's search walks
 lists that hold its rows, nearest first, until they hold enough of them
 (:meth:`SpannIndex.probe_filtered`), and scores only its rows there: by the code scan, or,
 for a tenant spread thinly over the lists, exactly (its rows in each probed list, as
-Curator scans a tenant's short lists); a small tenant is searched exactly. The
+Curator scans a tenant's short lists); a tenant of up to ``32 x`` the candidates (2,560
+rows at k=10) is searched exactly. An index build lays each tenant's rows out together
+(by first holder, list by list inside a tenant), so these exact scans stream through
+memory as a dedicated index's would. The
 per-tenant structures come from one inverted index of the hidden ``__tenants`` tag
 column (4 bytes a membership), which follows appended rows instead of being rebuilt on
 every write (:class:`_TenantPostings`); they are built on a tenant's first query, kept

@@ -131,11 +131,14 @@ class SpannIndex(ListUpdates):
     @classmethod
     def build(cls, tier, prefix: str, x: np.ndarray, *, metric: str, params: IndexParams,
               cache_bytes: int | None = None, coalesce_gap: int = 0,
-              progress: bool | None = None, scan_device: str | None = None, key_suffix: str = ""):
+              progress: bool | None = None, scan_device: str | None = None, key_suffix: str = "",
+              group: np.ndarray | None = None):
         """Partition, replicate, encode and write the rows of ``x``.
 
         Returns ``(index, assignment, order)``: the index's row ``r`` is ``x[order[r]]``
         (rows are renumbered list by list) and ``assignment[r]`` is its primary list.
+        ``group`` (an int per row, e.g. a tenant): rows are renumbered group by group first,
+        list by list within a group, so a group's vectors are neighbours in memory.
 
         ``progress``: show a tqdm bar of the build's stages (default: when stderr is a
         terminal and there are at least 100,000 vectors).
@@ -151,17 +154,20 @@ class SpannIndex(ListUpdates):
                else _SilentBar())
         with bar:
             return cls._build(tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device,
-                              key_suffix)
+                              key_suffix, group)
 
     @classmethod
-    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device, key_suffix):
+    def _build(cls, tier, prefix, x, metric, params, cache_bytes, coalesce_gap, bar, scan_device, key_suffix,
+               group=None):
         params = params.resolved(x.shape[0])  # the index keeps (and saves) the list size it used
         bar.set_postfix_str("balanced k-means")
         part = balanced_kmeans(x, target_list_size=min(params.target_list_size, x.shape[0]),
                                max_list_size=params.list_limit, metric=metric, seed=params.seed, niter=params.niter)
         # Rows are renumbered list by list, so a list's vectors are neighbours in the vector
-        # chunks too: the rerank reads of one query's candidates then coalesce.
-        order = np.argsort(part.assignment, kind="stable")
+        # chunks too: the rerank reads of one query's candidates then coalesce. With groups
+        # (tenants), group by group first: a tenant's exact scan then streams its own rows.
+        order = (np.argsort(part.assignment, kind="stable") if group is None
+                 else np.lexsort((part.assignment, np.asarray(group, np.int64))))
         x = x[order]
         part = type(part)(centroids=part.centroids, assignment=part.assignment[order])
         nlist = part.nlist
@@ -322,6 +328,8 @@ class SpannIndex(ListUpdates):
         hold ``target`` matches on average (whichever is more), widening 8-fold up to every
         active list until the lists seen hold enough.
         """
+        if xq.shape[0] == 1:
+            return self._probe_filtered_one(xq, nprobe, matches, target)
         active = self.active_lists.size
         width = min(active, nprobe)
         total = int(matches.sum())
@@ -340,6 +348,23 @@ class SpannIndex(ListUpdates):
         need = np.maximum(np.minimum((cum < target).sum(axis=1) + 1, width), min(nprobe, width))
         keep = (np.arange(width)[None, :] < need[:, None]) & (counts > 0)
         return coarse, np.where(keep, lists, -1)
+
+    def _probe_filtered_one(self, xq: np.ndarray, nprobe: int, matches: np.ndarray,
+                            target: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`probe_filtered` for one query: every active list scored by one matrix-vector
+        product and sorted (for a few hundred lists, a third of the cost of widening faiss's
+        heap search); the same lists, scores as faiss gives them."""
+        active = self.active_lists
+        scores = (self.centroids @ xq[0])[active]
+        if self.metric == "l2":  # squared distances, as IndexFlatL2 returns them
+            scores = self._centroid_norms[active] - 2 * scores + float(xq[0] @ xq[0])
+            order = np.argsort(scores)
+        else:
+            order = np.argsort(-scores)
+        lists, counts = active[order], matches[active[order]]
+        need = max(min(int(np.searchsorted(counts.cumsum(), target)) + 1, lists.size), min(nprobe, lists.size))
+        lists, counts = lists[:need], counts[:need]
+        return scores[order[:need]][None, :], np.where(counts > 0, lists, -1)[None, :]
 
     def search_codes(self, xq: np.ndarray, nprobe: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
         """Coarse search and code scan in one call (every list resident, no pruning)."""
