@@ -4,8 +4,9 @@ The randomized test keeps its own model of who holds what (id -> set of tenants)
 adds, grants, revokes, deletes, dropped tenants, offloads, flushes and a reopen to both
 the collection and the model, and checks every returned id of more than 100,000 tenant
 queries against it (a quarter of them with an attribute filter as well). Tenant sizes are
-Zipf-like, so both planner paths run: small tenants are scanned exactly, the largest take
-the filtered IVF plan; later adds stay unflushed.
+Zipf-like, so every planner path runs: small tenants are scanned exactly, the largest take
+the filtered IVF plan, or their own IVF (built while rows come, go and change hands, so
+it serves rows added since and skips rows gone since); later adds stay unflushed.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def check_search(col, model: Model, name: str, xq: np.ndarray, k: int, plans: di
     return len(xq)
 
 
-def test_randomized_isolation(tmp_path):
+def test_randomized_isolation(tmp_path, monkeypatch):
+    from tierstore.client import tenants as tenants_module
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)  # 16 dimensions: room for t000's own IVF
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((48, DIM)).astype(np.float32) * 3
     n_tenants, n_rows = 160, 12_000
@@ -132,7 +135,7 @@ def test_randomized_isolation(tmp_path):
         batch = rng.choice(shared, 15, replace=False)
         col.grant(batch, names[target])
         model.grant(batch, names[target])
-    for target in ("t001", "t002"):  # big shares: three tenants above the exact plan's limit
+    for target in ("t000", "t001", "t002"):  # big shares: three tenants above the exact plan's limit
         batch = rng.choice(n_rows, 600, replace=False)
         col.grant(batch, target)
         model.grant(batch, target)
@@ -224,9 +227,10 @@ def test_randomized_isolation(tmp_path):
 
     assert searched >= 100_000, searched
     assert plans.get("exact", 0) and plans.get("filtered_ivf", 0), plans  # both planner paths ran
+    assert plans.get("tenant_ivf", 0), plans  # and t000 (~2,600 rows) searched its own IVF
     # filtered_ivf scored both ways: the code scan, and exact scoring of the tenant's rows per list
     assert plans.get("scoring:codes", 0) and plans.get("scoring:exact", 0), plans
-    for plan, floor in (("exact", 0.999), ("filtered_ivf", 0.85)):
+    for plan, floor in (("exact", 0.999), ("filtered_ivf", 0.85), ("tenant_ivf", 0.85)):
         rows = [(r, n) for p, r, n in hits if p == plan]
         recall = sum(r * n for r, n in rows) / sum(n for _, n in rows)
         assert recall >= floor, (plan, recall)

@@ -159,3 +159,55 @@ def test_single_query_probe_equals_the_batch_probe(setup):
                 assert (batch_lists[i, width:] == -1).all()
                 np.testing.assert_array_equal(lists[0], batch_lists[i, :width])
                 np.testing.assert_allclose(scores[0], batch_scores[i, :width], rtol=1e-4, atol=1e-4)
+
+
+def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):
+    """A tenant above the exact limit is searched through its own small IVF from its second
+    search: same isolation, rows added since found, rows deleted or revoked since never
+    returned, dropped by an offload and rebuilt, and kept to its memory budget."""
+    from tierstore.client import tenants as tenants_module
+    # 16 dimensions: ids outweigh codes, so an IVF is large next to the shared lists (0.2x at 384)
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((20, 16)).astype(np.float32) * 3
+    x = (centres[rng.integers(0, 20, 4_000)] + rng.standard_normal((4_000, 16))).astype(np.float32)
+    db = tierstore.connect(tmp_path, flush_rows=1_000_000)
+    col = db.create_collection("c", dim=16)
+    huge, other = col.tenant("huge"), col.tenant("other")
+    huge.add(np.arange(3_000), x[:3_000])
+    other.add(np.arange(3_000, 4_000), x[3_000:])
+    col.build_index()
+    xq = x[rng.choice(4_000, 40, replace=False)] + 0.1
+    assert huge.search(xq, k=10).stats["plan"] == "filtered_ivf"
+    res = huge.search(xq, k=10)
+    assert res.stats["plan"] == "tenant_ivf" and ((res.ids >= 0) & (res.ids < 3_000)).all()
+    exact = np.argsort(((x[:3_000][None] - xq[:, None]) ** 2).sum(-1), axis=1)[:, :10]
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids, exact)]) >= 0.9
+    stats = col.tenant_stats()
+    assert stats["tenant_ivfs"] == 1 and 0 < stats["tenant_ivf_bytes"] < 3_000 * 16 * 4  # less than its vectors
+
+    fresh = (x[:5] + 0.01).astype(np.float32)
+    huge.add(np.arange(5_000, 5_005), fresh)  # rows the IVF does not hold: searched beside it
+    res = huge.search(fresh, k=1)
+    assert res.stats["plan"] == "tenant_ivf" and res.ids[:, 0].tolist() == list(range(5_000, 5_005))
+    assert huge.delete(np.arange(100, 140)) == 40  # rows it holds, now dead
+    res = huge.search(x[100:140], k=10)
+    assert res.stats["plan"] == "tenant_ivf" and not np.isin(res.ids, np.arange(100, 140)).any()
+    assert col.grant(np.arange(3_000, 3_010), "huge") == 10  # another tenant's rows shared
+    assert huge.search(x[3_000:3_010], k=1).ids[:, 0].tolist() == list(range(3_000, 3_010))
+    assert col.revoke(np.arange(3_000, 3_010), "huge") == 10
+    res = huge.search(x[3_000:3_010], k=10)
+    assert res.stats["plan"] == "tenant_ivf" and ((res.ids < 3_000) | (res.ids >= 5_000)).all()
+    assert ((other.search(xq, k=10).ids >= 3_000) & (other.search(xq, k=10).ids < 4_000)).all()
+
+    assert col.offload_tenants(keep=0) >= 1 and col.tenant_stats()["tenant_ivfs"] == 0
+    assert huge.search(xq, k=10).stats["plan"] == "filtered_ivf"  # back on its next searches
+    assert huge.search(xq, k=10).stats["plan"] == "tenant_ivf"
+    assert col.drop_tenant("huge") > 2_900 and col.tenant_stats()["tenant_ivfs"] == 0
+
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 0.0)  # no room: the shared lists serve it
+    other.add(np.arange(6_000, 8_000), x[:2_000] + 0.05)
+    col.build_index()
+    for _ in range(3):
+        assert other.search(xq, k=10).stats["plan"] == "filtered_ivf"
+    db.close()

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 from ..index.filters import AttributeColumns, parse_filter
-from ..index.params import SearchParams
+from ..index.params import MAX_K, SearchParams, search_params
 from ..index.rerank import exact_rows, merge_topk, rerank
 from ..index.selection import RowSelection, compact_scanner
 from .results import SearchResult
@@ -89,6 +89,8 @@ class _Matches:
         self._selection: RowSelection | None = None
         self.searches = 0                     # filtered-IVF searches over these rows (compaction pays on repeats)
         self.compactable = True               # a tenant's rows are not: the tenant index keeps to its budget
+        self.tenant: str | None = None        # a tenant's whole row set (no filter): may get its own IVF
+        self.uncovered: tuple | None = None   # (local IVF, rows of these it does not hold)
         self.compact: tuple | None = None     # (index, scanner, nbytes): lists holding only these rows' codes
         self.row_lists: np.ndarray | None = None  # each of in_index's primary list (with per_list)
 
@@ -173,13 +175,14 @@ class FilteredSearch:
         A NaN or infinity in the query makes its squared norm non-finite, so that one dot
         product stands in for the element-wise check; anything unusual takes the full path.
         """
-        if (not params and type(k) is int and k > 0 and type(x) is np.ndarray and x.dtype == np.float32
+        if (type(k) is int and 0 < k <= MAX_K and type(x) is np.ndarray and x.dtype == np.float32
                 and x.shape == (self.dim,)):
             square = float(x.dot(x))
             if 0.0 < square < math.inf:  # False for NaN too
+                sp = search_params(params) if params else _DEFAULT_SEARCH
                 if self.metric != "cosine":
-                    return np.ascontiguousarray(x[None, :]), k, _DEFAULT_SEARCH
-                return (x / math.sqrt(square)).reshape(1, -1), k, _DEFAULT_SEARCH
+                    return np.ascontiguousarray(x[None, :]), k, sp
+                return (x / math.sqrt(square)).reshape(1, -1), k, sp
         return self._search_args(x, k, params)
 
     def _search_filtered(self, xq: np.ndarray, k: int, sp, filter_spec: Any, explain: bool) -> SearchResult:
@@ -200,8 +203,14 @@ class FilteredSearch:
                 else:
                     parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
             else:
-                stats["plan"] = "filtered_ivf"
-                parts.append(self._filtered_ivf(xq, k, sp, found, candidates, stats))
+                local = self._tenant_ivf(found) if found.tenant is not None else None
+                if local is not None:
+                    stats["plan"] = "tenant_ivf"
+                    stats["lists_probed"] = xq.shape[0] * min(sp.nprobe, local.nlist)
+                    parts.append(self._tenant_ivf_search(xq, k, sp, found, local, candidates))
+                else:
+                    stats["plan"] = "filtered_ivf"
+                    parts.append(self._filtered_ivf(xq, k, sp, found, candidates, stats))
         if found.delta.size and self._flat.ntotal:
             parts.append(self._flat_filtered(xq, k, found.delta))
         if explain:

@@ -26,7 +26,6 @@ filtered plans of :mod:`._filtered` (attribute columns, exact or widened filtere
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import uuid
@@ -40,7 +39,7 @@ import numpy as np
 from ..errors import (CorruptData, InvalidArgument, InvalidType, NotFound, StoreClosed, TierstoreError,
                       WriterConflict)
 from ..index.filters import AttributeColumns
-from ..index.params import IndexParams, SearchParams
+from ..index.params import MAX_K, IndexParams, SearchParams, search_params
 from ..index.rerank import merge_topk, rerank, top_unique
 from ..index.spann import SpannIndex
 from ..index.vectors import VectorStore
@@ -59,9 +58,7 @@ __all__ = ["Collection", "METRICS", "ATTRIBUTE_TYPES"]
 
 METRICS = ("l2", "ip", "cosine")
 ATTRIBUTE_TYPES = ("int", "float", "keyword", "keywords", "bool")
-_SEARCH_KEYS = {"nprobe", "prune_ratio", "rerank"}
 _OPEN_ATTEMPTS = 5  # a writer checkpointing while this handle opens
-MAX_K = 1 << 20  # as many candidates as a serverless worker may return per query
 
 
 _logger = logging.getLogger(__name__)
@@ -168,6 +165,8 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._rows_epoch = 0  # bumped when rows die or are renumbered: memoised filter masks go stale
         self._match_cache: OrderedDict = OrderedDict()
         self._tenant_cache: OrderedDict = OrderedDict()
+        self._tenant_ivfs: OrderedDict = OrderedDict()  # large tenants' own IVFs: name -> [gen, LocalIVF, last use]
+        self._tenant_clock = 0  # searches of large tenants (the IVFs' LRU clock)
         self._tenant_postings = None
         self._match_cache_epoch = None
         self._reset_delta()
@@ -477,7 +476,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
             raise InvalidType(f"k must be an int, got {k!r}")
         if not 1 <= k <= MAX_K:
             raise InvalidArgument(f"k must be from 1 to {MAX_K:,} (results are (nq, k) arrays), got {k}")
-        sp = _search_params(params) if params else _DEFAULT_SEARCH
+        sp = search_params(params) if params else _DEFAULT_SEARCH
         return self._prepare_vectors(x, None), int(k), sp
 
     def _code_topk(self, scores: np.ndarray, rows: np.ndarray, k: int, live: np.ndarray):
@@ -520,18 +519,3 @@ def _as_array(value: object, what: str) -> np.ndarray:
         return np.asarray(value)
     except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, objects numpy cannot convert
         raise InvalidArgument(f"{what} cannot be read as an array ({exc}); pass a numpy array") from exc
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_params(items: tuple) -> SearchParams:
-    return SearchParams(**dict(items))
-
-
-def _search_params(params: dict) -> SearchParams:
-    unknown = params.keys() - _SEARCH_KEYS
-    if unknown:
-        raise InvalidArgument(f"unknown search parameter(s) {sorted(unknown)}; use {sorted(_SEARCH_KEYS)}")
-    try:
-        return _cached_params(tuple(sorted(params.items())))
-    except TypeError:  # an unhashable value: validate it uncached (it will be rejected)
-        return SearchParams(**params)

@@ -45,12 +45,19 @@ import numpy as np
 
 from ..errors import AlreadyExists, InvalidArgument, InvalidType, NotFound
 from ..index.filters import parse_filter
-from ._filtered import TENANTS, _filter_key, _Matches
+from ..index.local_ivf import LocalIVF
+from ..index.rerank import exact_candidates, exact_rows, rerank
+from ._filtered import EXACT_MIN, TENANTS, _filter_key, _Matches
 from .results import SearchResult
 
 __all__ = ["TenantHandle", "Tenancy", "check_tenant_name"]
 
 _TENANT_CACHE = 4096  # tenants (with a filter) whose row sets stay in memory
+# Large tenants' own IVFs (LocalIVF) together stay within this share of the index's list
+# bytes; the least recently searched give theirs up first (and are served by the shared lists).
+LOCAL_IVF_BUDGET = 0.2
+LOCAL_IVF_IDLE = 1_000  # large-tenant searches after which an unused IVF may give its room up
+LOCAL_IVF_MIN_ROWS = 2_048  # smaller tenants are scanned exactly (or probe the shared lists, for k=1 or so)
 
 
 def check_tenant_name(name: object) -> str:
@@ -203,6 +210,7 @@ class Tenancy:
             self._check_open()
             rows = self._require_tenant(name)
             ids = self.rows.ids_full[rows]
+            self._tenant_ivfs.pop(name, None)
         return self._tenant_delete(name, ids)
 
     def tenant_stats(self) -> dict[str, Any]:
@@ -211,22 +219,27 @@ class Tenancy:
             self._check_open()
             postings = self._postings()
             cached = sum(m.nbytes for m in self._tenant_cache.values())
+            local = sum(held[1].nbytes for held in self._tenant_ivfs.values())
             inverted = postings.nbytes
             column = self._attribute_columns().column_nbytes(TENANTS)
             held = [part[2] for part in (postings.base, postings.recent) if part is not None]
             live = sum(int(np.count_nonzero(self.rows.live[rows])) for rows in held)
             return {"tenants": len(self.tenants()), "memberships": live, "cached_tenants": len(self._tenant_cache),
-                    "tenant_index_bytes": inverted + cached + column, "inverted_bytes": inverted,
-                    "cached_bytes": cached, "column_bytes": column}
+                    "tenant_ivfs": len(self._tenant_ivfs),
+                    "tenant_index_bytes": inverted + cached + column + local, "inverted_bytes": inverted,
+                    "cached_bytes": cached, "column_bytes": column, "tenant_ivf_bytes": local}
 
     def offload_tenants(self, keep: int = 0) -> int:
-        """Drop the row sets of all but the ``keep`` most recently searched tenants; returns how many went."""
+        """Drop the row sets (and large tenants' own IVFs) of all but the ``keep`` most recently
+        searched tenants; returns how many row sets went. They come back on the next search."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise InvalidArgument(f"keep must be an int >= 0, got {keep!r}")
         with self._lock:
             dropped = max(0, len(self._tenant_cache) - keep)
             for _ in range(dropped):
                 self._tenant_cache.popitem(last=False)
+            while len(self._tenant_ivfs) > keep:
+                self._tenant_ivfs.popitem(last=False)
             return dropped
 
     # ------------------------------------------------------------------ internals
@@ -267,11 +280,71 @@ class Tenancy:
             rows = rows[predicate.evaluate(self._attribute_columns(), rows)]
         found = _Matches(predicate, rows, self._indexed_rows, self.rows.count())
         found.compactable = False
+        found.tenant = name if filter_spec is None else None
         if cacheable:
             self._tenant_cache[key] = found
             while len(self._tenant_cache) > _TENANT_CACHE:
                 self._tenant_cache.popitem(last=False)
         return found
+
+    def _tenant_ivf(self, found: _Matches) -> LocalIVF | None:
+        """The large tenant's own IVF (:class:`LocalIVF`), built on its second filtered-IVF search
+        (its vectors resident, the index's lists too); ``None`` when it has none.
+
+        All of them stay within ``LOCAL_IVF_BUDGET`` x the index's list bytes. To make room an
+        IVF unused for ``LOCAL_IVF_IDLE`` large-tenant searches is dropped (least recently used
+        first); one in use is never dropped for another, so two tenants cannot evict each
+        other on every query: the one that does not fit is served by the shared lists.
+        Rebuilt when the rows it lacks (added since) reach a quarter of those it holds, and
+        after an index build (a new generation renumbers the rows).
+        """
+        name, index, vectors = found.tenant, self.index, self.vectors.resident
+        if vectors is None or index.cache_bytes is not None or found.in_index.size < LOCAL_IVF_MIN_ROWS:
+            return None
+        self._tenant_clock += 1
+        held = self._tenant_ivfs.get(name)
+        if held is not None and held[0] == self._gen:
+            local = held[1]
+            if found.uncovered is None or found.uncovered[0] is not local:
+                found.uncovered = (local, np.setdiff1d(found.in_index, local.rows, assume_unique=True))
+            if found.uncovered[1].size * 4 <= local.rows.size:
+                held[2] = self._tenant_clock
+                self._tenant_ivfs.move_to_end(name)
+                return local
+        if held is not None:
+            del self._tenant_ivfs[name]
+        if found.searches < 1:  # a tenant searched once is not worth an index yet
+            return None
+        budget = LOCAL_IVF_BUDGET * index.directory.total_bytes()
+        n = found.in_index.size
+        estimate = n * (self.dim // 4 + 8) + int(n ** 0.5 + 1) * self.dim * 4  # codes and ids; centroids
+        used = sum(entry[1].nbytes for entry in self._tenant_ivfs.values())
+        idle = [other for other, entry in self._tenant_ivfs.items()  # least recently used first
+                if self._tenant_clock - entry[2] > LOCAL_IVF_IDLE or entry[0] != self._gen]
+        while idle and used + estimate > budget:
+            used -= self._tenant_ivfs.pop(idle.pop(0))[1].nbytes
+        if used + estimate > budget:
+            return None  # no room now: the shared lists serve it
+        local = LocalIVF.build(vectors[found.in_index], found.in_index, metric=self._index_metric,
+                               seed=self._index_params.seed if self._index_params is not None else 0)
+        if local is None:
+            found.tenant = None  # no 4-bit PQ layout for this dimension: the shared lists serve it
+            return None
+        self._tenant_ivfs[name] = [self._gen, local, self._tenant_clock]
+        found.uncovered = (local, np.zeros(0, np.int64))
+        return local
+
+    def _tenant_ivf_search(self, xq: np.ndarray, k: int, sp, found: _Matches, local: LocalIVF, candidates: int):
+        """Candidates from the tenant's own IVF (``nprobe`` of its lists, twice the usual
+        candidates: its codes are half the shared lists'), plus the rows it lacks, reranked
+        exactly; rows dead since it was built drop out in the rerank."""
+        rows = local.search(xq, sp.nprobe, 2 * candidates)
+        extra, live = found.uncovered[1], self.rows.live_full
+        if not extra.size and ((rows < 0) | live[rows]).all():  # the usual case: distinct, live, -1s last
+            return exact_candidates(xq, rows, k, metric=self._index_metric, vectors=self.vectors.resident)
+        if extra.size:
+            rows = np.concatenate([rows, np.broadcast_to(extra, (xq.shape[0], extra.size))], axis=1)
+        return rerank(xq, rows, k, live=live, metric=self._index_metric, vectors=self.vectors.resident)
 
     def _tenant_search(self, name, x, k, filter_spec, explain, params, checked: bool = False) -> SearchResult:
         if not checked:
@@ -280,6 +353,14 @@ class Tenancy:
         with self._lock:
             self._check_open()
             found = self._tenant_matches(name, filter_spec)
+            vectors = self.vectors.resident
+            if 0 < found.count <= EXACT_MIN and not found.delta.size and not explain and vectors is not None:
+                # Most tenants are small: the exact plan without the planner's bookkeeping (same result).
+                distances, rows = exact_rows(xq, found.in_index, k, metric=self._index_metric, vectors=vectors)
+                ids = self.rows.ids_full[rows]
+                if self.metric == "cosine":
+                    distances += np.float32(1.0)
+                return SearchResult(ids, distances, {"matches": found.count, "plan": "exact", "tenant": name})
             result = self._search_matches(xq, k, sp, found, explain)
         stats = result.stats
         # Collection-wide counts would tell a tenant how many rows the others hold

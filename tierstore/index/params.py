@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgument, InvalidType
 from .quant import DEFAULT_QUANTIZER, QUANTIZERS
 
-__all__ = ["IndexParams", "SearchParams"]
+__all__ = ["IndexParams", "SearchParams", "MAX_K", "search_params"]
+
+MAX_K = 1 << 20  # the largest k a search takes: as many candidates as a serverless worker may return per query
 
 
 def _check_number(name: str, value: object, *, low: float, integer: bool, high: float | None = None) -> None:
@@ -108,3 +111,23 @@ class SearchParams:
         if self.prune_ratio is not None:
             _check_number("prune_ratio", self.prune_ratio, low=1.0, integer=False)
         _check_number("rerank", self.rerank, low=0, integer=True)
+
+
+_SEARCH_KEYS = frozenset({"nprobe", "prune_ratio", "rerank"})
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_params(items: tuple) -> SearchParams:
+    return SearchParams(**dict(items))
+
+
+def search_params(params: dict) -> SearchParams:
+    """``SearchParams(**params)``, checked once per distinct set of values (memoised: a search
+    passing ``nprobe=32`` costs a dict look-up, not a validation)."""
+    unknown = params.keys() - _SEARCH_KEYS
+    if unknown:
+        raise InvalidArgument(f"unknown search parameter(s) {sorted(unknown)}; use {sorted(_SEARCH_KEYS)}")
+    try:
+        return _cached_params(tuple(sorted(params.items())))
+    except TypeError:  # an unhashable value: validate it uncached (it will be rejected)
+        return SearchParams(**params)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
-__all__ = ["rerank", "merge_topk", "exact_distances", "top_unique"]
+__all__ = ["rerank", "exact_candidates", "merge_topk", "exact_distances", "top_unique"]
 
 
 def exact_distances(xq: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
@@ -114,6 +114,29 @@ def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
                vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
         if metric != "l2":
             np.negative(out_d, out=out_d)
+        if kk < k:
+            distances[:, :kk], found[:, :kk] = out_d, out_i
+    return distances, found
+
+
+def exact_candidates(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
+                     vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of each query's own candidate ``rows`` ``(nq, c)``: distinct, live, the
+    -1 padding last (as a faiss IVF search returns them). The lean form of :func:`rerank`
+    (no sort, no duplicate or tombstone pass): one ``knn_*_by_idx`` call."""
+    nq, width = rows.shape
+    distances, found = np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    kk = min(k, width)
+    if kk:
+        out_d, out_i = (distances, found) if kk == k else (np.empty((nq, kk), np.float32), np.empty((nq, kk), np.int64))
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
+        kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(rows), xq.shape[1], nq,
+               vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
+        missing = out_i < 0
+        if metric != "l2":
+            np.negative(out_d, out=out_d)
+        out_d[missing] = np.inf
         if kk < k:
             distances[:, :kk], found[:, :kk] = out_d, out_i
     return distances, found
