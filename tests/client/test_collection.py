@@ -130,6 +130,20 @@ def test_bad_search(db, query, k, params, error):
         col.search(query, k, **params)
 
 
+def test_search_params_are_checked_on_every_call(db):
+    """Checked parameter sets are memoised; a value equal to a good one but of a wrong type
+    (True == 1 == 1.0 as dict keys) is still refused, on the tenant path too."""
+    col = db.create_collection("c", dim=4, metric="cosine")
+    col.tenant("t").add([1, 2], np.ones((2, 4), np.float32))
+    q = np.ones(4, np.float32)
+    assert col.search(q, 1, nprobe=1).ids[0, 0] == 1 and col.tenant("t").search(q, 1, nprobe=1).ids[0, 0] == 1
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(InvalidType):
+            col.search(q, 1, nprobe=bad)
+        with pytest.raises(InvalidType):
+            col.tenant("t").search(q, 1, nprobe=bad)
+
+
 def test_zero_vector_under_cosine(db):
     col = db.create_collection("c", dim=3, metric="cosine")
     with pytest.raises(InvalidArgument, match="zero vector"):

@@ -236,6 +236,7 @@ def test_randomized_isolation(tmp_path, monkeypatch):
         assert recall >= floor, (plan, recall)
     memberships = sum(len(v) for v in model.members.values())
     stats = col.tenant_stats()
+    assert stats["tenant_ivf_loads"] >= 1, stats  # t000's IVF came back from the durable tier after an offload
     assert stats["tenants"] == len(model.tenants()) and stats["memberships"] == memberships  # live ones only
     col.build_index()  # a rebuild renumbers every row: the tenant index must follow
     assert col.tenant_stats()["memberships"] == memberships

@@ -201,13 +201,43 @@ def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):
     assert ((other.search(xq, k=10).ids >= 3_000) & (other.search(xq, k=10).ids < 4_000)).all()
 
     assert col.offload_tenants(keep=0) >= 1 and col.tenant_stats()["tenant_ivfs"] == 0
-    assert huge.search(xq, k=10).stats["plan"] == "filtered_ivf"  # back on its next searches
-    assert huge.search(xq, k=10).stats["plan"] == "tenant_ivf"
-    assert col.drop_tenant("huge") > 2_900 and col.tenant_stats()["tenant_ivfs"] == 0
+    before = huge.search(xq, k=10)
+    assert before.stats["plan"] == "tenant_ivf" and col.tenant_stats()["tenant_ivfs"] == 1  # back, first search
+    db.close()
 
-    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 0.0)  # no room: the shared lists serve it
+    db = tierstore.connect(tmp_path, flush_rows=1_000_000)  # a reader: finds the writer's IVF in the tier
+    col = db.collection("c")
+    huge = col.tenant("huge")
+    stored = [key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]
+    assert len(stored) == 1
+    with monkeypatch.context() as patch:  # no training this time: it comes from the durable tier
+        patch.setattr(tenants_module.LocalIVF, "build", lambda *a, **kw: pytest.fail("trained again"))
+        assert huge.search(xq, k=10).stats["plan"] == "filtered_ivf"  # unknown to this handle: second search
+        again = huge.search(xq, k=10)
+    assert again.stats["plan"] == "tenant_ivf" and (again.ids == before.ids).all()
+    col.offload_tenants(keep=0)
+    assert col.tenant_stats()["tenant_ivfs"] == 0
+    db.close()
+
+    db = tierstore.connect(tmp_path, flush_rows=1_000_000)
+    col = db.collection("c")
+    huge = col.tenant("huge")
+    col.tier.put(stored[0], b"not an index")  # damaged: ignored and rebuilt (then kept again by the writer)
+    huge.add([9_999], x[:1])  # this handle becomes the writer
+    for _ in range(2):
+        res = huge.search(xq, k=10)
+    assert res.stats["plan"] == "tenant_ivf" and ((res.ids < 3_000) | (res.ids >= 5_000)).all()
+    assert tenants_module.LocalIVF.from_bytes(col.tier.get(stored[0]))[1]["tenant"] == "huge"
+    assert col.drop_tenant("huge") > 2_900 and col.tenant_stats()["tenant_ivfs"] == 0
+    assert not [key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]  # its stored IVF too
+
+    other = col.tenant("other")
     other.add(np.arange(6_000, 8_000), x[:2_000] + 0.05)
-    col.build_index()
+    col.flush()  # into the index: 3,000 indexed rows
+    assert [other.search(xq, k=10).stats["plan"] for _ in range(2)] == ["filtered_ivf", "tenant_ivf"]
+    col.build_index()  # a new generation: the old one's stored IVFs go with it
+    assert not [key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 0.0)  # no room: the shared lists serve it
     for _ in range(3):
         assert other.search(xq, k=10).stats["plan"] == "filtered_ivf"
     db.close()

@@ -91,6 +91,7 @@ class _Matches:
         self.compactable = True               # a tenant's rows are not: the tenant index keeps to its budget
         self.tenant: str | None = None        # a tenant's whole row set (no filter): may get its own IVF
         self.uncovered: tuple | None = None   # (local IVF, rows of these it does not hold)
+        self.ivf_looked = False               # whether the durable tier was asked for the tenant's IVF
         self.compact: tuple | None = None     # (index, scanner, nbytes): lists holding only these rows' codes
         self.row_lists: np.ndarray | None = None  # each of in_index's primary list (with per_list)
 

@@ -167,6 +167,8 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._tenant_cache: OrderedDict = OrderedDict()
         self._tenant_ivfs: OrderedDict = OrderedDict()  # large tenants' own IVFs: name -> [gen, LocalIVF, last use]
         self._tenant_clock = 0  # searches of large tenants (the IVFs' LRU clock)
+        self._tenant_ivf_stored: dict[str, int] = {}  # tenants whose IVF is in the durable tier -> generation
+        self._tenant_ivf_events = {"builds": 0, "loads": 0}  # tenant IVFs trained here / read from the tier
         self._tenant_postings = None
         self._match_cache_epoch = None
         self._reset_delta()

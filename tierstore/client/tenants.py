@@ -38,25 +38,34 @@ treat another tenant's ids as absent. A handle's ``res.stats`` describe its own 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..errors import AlreadyExists, InvalidArgument, InvalidType, NotFound
+from ..errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, NotFound, TierstoreError
 from ..index.filters import parse_filter
 from ..index.local_ivf import LocalIVF
 from ..index.rerank import exact_candidates, exact_rows, rerank
-from ._filtered import EXACT_MIN, TENANTS, _filter_key, _Matches
+from ._filtered import EXACT_MIN, MIN_RERANK, TENANT_EXACT_FACTOR, TENANTS, _filter_key, _Matches
 from .results import SearchResult
 
 __all__ = ["TenantHandle", "Tenancy", "check_tenant_name"]
+
+_log = logging.getLogger(__name__)
+_ONE = np.float32(1.0)  # cosine distances are 1 - inner product
 
 _TENANT_CACHE = 4096  # tenants (with a filter) whose row sets stay in memory
 # Large tenants' own IVFs (LocalIVF) together stay within this share of the index's list
 # bytes; the least recently searched give theirs up first (and are served by the shared lists).
 LOCAL_IVF_BUDGET = 0.2
 LOCAL_IVF_IDLE = 1_000  # large-tenant searches after which an unused IVF may give its room up
+# Candidates a tenant IVF hands the exact rerank, in multiples of the shared lists' (its codes
+# are half as long). bench/tenants.py, the 3,374- and 6,583-row tenants at nprobe 16:
+# recall@10 0.944 / 0.967 at 1x, 0.955 / 0.970 at 2x (dedicated IVFs: 0.962 / 0.976).
+LOCAL_IVF_CANDIDATES = 1.5
 LOCAL_IVF_MIN_ROWS = 2_048  # smaller tenants are scanned exactly (or probe the shared lists, for k=1 or so)
 
 
@@ -209,9 +218,14 @@ class Tenancy:
         with self._lock:
             self._check_open()
             rows = self._require_tenant(name)
-            ids = self.rows.ids_full[rows]
+            dropped = self._tenant_delete(name, self.rows.ids_full[rows])
             self._tenant_ivfs.pop(name, None)
-        return self._tenant_delete(name, ids)
+            if self._tenant_ivf_stored.pop(name, None) == self._gen:
+                try:
+                    self.tier.delete(self._tenant_ivf_key(name))
+                except TierstoreError as exc:  # a cache: the next build's cleanup takes it with its generation
+                    _log.warning("could not delete tenant %r's stored IVF (%s)", name, exc)
+            return dropped
 
     def tenant_stats(self) -> dict[str, Any]:
         """Tenants, memberships and the memory of the tenant index (inverted index + cached row sets)."""
@@ -225,13 +239,17 @@ class Tenancy:
             held = [part[2] for part in (postings.base, postings.recent) if part is not None]
             live = sum(int(np.count_nonzero(self.rows.live[rows])) for rows in held)
             return {"tenants": len(self.tenants()), "memberships": live, "cached_tenants": len(self._tenant_cache),
-                    "tenant_ivfs": len(self._tenant_ivfs),
+                    "tenant_ivfs": len(self._tenant_ivfs), "tenant_ivf_builds": self._tenant_ivf_events["builds"],
+                    "tenant_ivf_loads": self._tenant_ivf_events["loads"],
                     "tenant_index_bytes": inverted + cached + column + local, "inverted_bytes": inverted,
                     "cached_bytes": cached, "column_bytes": column, "tenant_ivf_bytes": local}
 
     def offload_tenants(self, keep: int = 0) -> int:
-        """Drop the row sets (and large tenants' own IVFs) of all but the ``keep`` most recently
-        searched tenants; returns how many row sets went. They come back on the next search."""
+        """Offload all but the ``keep`` most recently searched tenants: their row sets leave memory
+        (rebuilt from the resident tenant index on their next search) and large tenants' own
+        IVFs go to the durable tier (the collection's writer keeps them there from their build;
+        any other handle drops them), to come back from it on the tenant's next search instead
+        of being trained again. Returns how many row sets went."""
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise InvalidArgument(f"keep must be an int >= 0, got {keep!r}")
         with self._lock:
@@ -239,7 +257,9 @@ class Tenancy:
             for _ in range(dropped):
                 self._tenant_cache.popitem(last=False)
             while len(self._tenant_ivfs) > keep:
-                self._tenant_ivfs.popitem(last=False)
+                name, (gen, local, _) = self._tenant_ivfs.popitem(last=False)
+                if gen == self._gen and self._tenant_ivf_stored.get(name) != gen:
+                    self._save_tenant_ivf(name, local)  # its write-through at build failed: try again
             return dropped
 
     # ------------------------------------------------------------------ internals
@@ -306,14 +326,15 @@ class Tenancy:
         if held is not None and held[0] == self._gen:
             local = held[1]
             if found.uncovered is None or found.uncovered[0] is not local:
-                found.uncovered = (local, np.setdiff1d(found.in_index, local.rows, assume_unique=True))
+                found.uncovered = _uncovered(local, found.in_index, self.rows.live)
             if found.uncovered[1].size * 4 <= local.rows.size:
                 held[2] = self._tenant_clock
                 self._tenant_ivfs.move_to_end(name)
                 return local
         if held is not None:
             del self._tenant_ivfs[name]
-        if found.searches < 1:  # a tenant searched once is not worth an index yet
+        stored = held is None and self._tenant_ivf_stored.get(name) == self._gen
+        if found.searches < 1 and not stored:  # a tenant searched once is not worth an index yet
             return None
         budget = LOCAL_IVF_BUDGET * index.directory.total_bytes()
         n = found.in_index.size
@@ -325,26 +346,77 @@ class Tenancy:
             used -= self._tenant_ivfs.pop(idle.pop(0))[1].nbytes
         if used + estimate > budget:
             return None  # no room now: the shared lists serve it
-        local = LocalIVF.build(vectors[found.in_index], found.in_index, metric=self._index_metric,
-                               seed=self._index_params.seed if self._index_params is not None else 0)
-        if local is None:
-            found.tenant = None  # no 4-bit PQ layout for this dimension: the shared lists serve it
-            return None
+        local = self._load_tenant_ivf(name, found) if held is None and not found.ivf_looked else None
+        found.ivf_looked = True  # one look in the tier per row set: a miss is not asked again
+        if local is not None:
+            self._tenant_ivf_events["loads"] += 1
+        else:
+            local = LocalIVF.build(vectors[found.in_index], found.in_index, metric=self._index_metric,
+                                   seed=self._index_params.seed if self._index_params is not None else 0)
+            if local is None:
+                found.tenant = None  # no 4-bit PQ layout for this dimension: the shared lists serve it
+                return None
+            self._tenant_ivf_events["builds"] += 1
+            self._save_tenant_ivf(name, local)
         self._tenant_ivfs[name] = [self._gen, local, self._tenant_clock]
-        found.uncovered = (local, np.zeros(0, np.int64))
+        found.uncovered = _uncovered(local, found.in_index, self.rows.live)
         return local
 
-    def _tenant_ivf_search(self, xq: np.ndarray, k: int, sp, found: _Matches, local: LocalIVF, candidates: int):
-        """Candidates from the tenant's own IVF (``nprobe`` of its lists, twice the usual
-        candidates: its codes are half the shared lists'), plus the rows it lacks, reranked
+    def _tenant_ivf_key(self, name: str) -> str:
+        """Where a tenant's IVF waits in the durable tier: under the generation, so the build of the
+        next one (which renumbers the rows) deletes it with the rest of the generation."""
+        return f"{self._gen_prefix}/tenant-ivf/{hashlib.sha256(name.encode('utf-8')).hexdigest()[:40]}"
+
+    def _save_tenant_ivf(self, name: str, local: LocalIVF) -> None:
+        """Keep a freshly built tenant IVF in the durable tier too (by the collection's writer only:
+        a reader never writes under the collection). A cache: a failed write only costs a rebuild."""
+        if not self._wrote or self._fenced:
+            return
+        try:
+            self.tier.put(self._tenant_ivf_key(name), local.to_bytes(tenant=name, generation=self._gen))
+            self._tenant_ivf_stored[name] = self._gen
+        except TierstoreError as exc:
+            _log.warning("could not keep tenant %r's IVF in the durable tier (%s); it will be rebuilt", name, exc)
+
+    def _load_tenant_ivf(self, name: str, found: _Matches) -> LocalIVF | None:
+        """The tenant's IVF from the durable tier, or ``None`` (absent, damaged, or not this tenant's
+        rows of this generation). Whatever the blob says, every live row it can return must be one
+        the tenant holds now, else it is not used: rows are never renumbered within a generation."""
+        key = self._tenant_ivf_key(name)
+        try:
+            local, header = LocalIVF.from_bytes(self.tier.get(key), source=key)
+        except NotFound:
+            return None
+        except (CorruptData, TierstoreError) as exc:
+            _log.warning("ignoring tenant %r's stored IVF (%s); rebuilding it", name, exc)
+            return None
+        rows = local.rows
+        if (header.get("tenant") != name or header.get("generation") != self._gen or rows.size == 0
+                or rows.max() >= self.rows.n):
+            return None
+        alive = rows[self.rows.live[rows]]
+        if not np.isin(alive, found.in_index, assume_unique=True).all():
+            return None
+        self._tenant_ivf_stored[name] = self._gen
+        return local
+
+    def _tenant_ivf_search(self, xq: np.ndarray, k: int, sp, found: _Matches, local: LocalIVF, candidates: int,
+                           shift: np.float32 | None = None):
+        """Candidates from the tenant's own IVF (``nprobe`` of its lists, ``LOCAL_IVF_CANDIDATES``
+        x the usual candidates: its codes are half the shared lists'), plus the rows it lacks, reranked
         exactly; rows dead since it was built drop out in the rerank."""
-        rows = local.search(xq, sp.nprobe, 2 * candidates)
-        extra, live = found.uncovered[1], self.rows.live_full
-        if not extra.size and ((rows < 0) | live[rows]).all():  # the usual case: distinct, live, -1s last
-            return exact_candidates(xq, rows, k, metric=self._index_metric, vectors=self.vectors.resident)
+        rows = local.search(xq, sp.nprobe, int(LOCAL_IVF_CANDIDATES * candidates))
+        _, extra, all_live = found.uncovered
+        if not extra.size and all_live:  # the usual case: distinct, live, -1s last
+            return exact_candidates(xq, rows, k, metric=self._index_metric, vectors=self.vectors.resident,
+                                    shift=shift)
         if extra.size:
             rows = np.concatenate([rows, np.broadcast_to(extra, (xq.shape[0], extra.size))], axis=1)
-        return rerank(xq, rows, k, live=live, metric=self._index_metric, vectors=self.vectors.resident)
+        distances, rows = rerank(xq, rows, k, live=self.rows.live_full, metric=self._index_metric,
+                                 vectors=self.vectors.resident)
+        if shift is not None:
+            distances += shift
+        return distances, rows
 
     def _tenant_search(self, name, x, k, filter_spec, explain, params, checked: bool = False) -> SearchResult:
         if not checked:
@@ -354,13 +426,22 @@ class Tenancy:
             self._check_open()
             found = self._tenant_matches(name, filter_spec)
             vectors = self.vectors.resident
-            if 0 < found.count <= EXACT_MIN and not found.delta.size and not explain and vectors is not None:
-                # Most tenants are small: the exact plan without the planner's bookkeeping (same result).
-                distances, rows = exact_rows(xq, found.in_index, k, metric=self._index_metric, vectors=vectors)
-                ids = self.rows.ids_full[rows]
-                if self.metric == "cosine":
-                    distances += np.float32(1.0)
-                return SearchResult(ids, distances, {"matches": found.count, "plan": "exact", "tenant": name})
+            if found.count and not found.delta.size and not explain and vectors is not None:
+                # The planner's two common answers without its bookkeeping (same results).
+                shift = _ONE if self.metric == "cosine" else None
+                if found.count <= EXACT_MIN:  # most tenants are small: scanned exactly
+                    distances, rows = exact_rows(xq, found.in_index, k, metric=self._index_metric, vectors=vectors,
+                                                 shift=shift)
+                    return SearchResult(self.rows.ids_full[rows], distances,
+                                        {"matches": found.count, "plan": "exact", "tenant": name})
+                candidates = k * max(sp.rerank, MIN_RERANK)
+                local = (self._tenant_ivf(found) if found.tenant is not None and self.index is not None
+                         and found.count > max(EXACT_MIN, TENANT_EXACT_FACTOR * candidates) else None)
+                if local is not None:  # a large tenant with its own IVF
+                    distances, rows = self._tenant_ivf_search(xq, k, sp, found, local, candidates, shift)
+                    return SearchResult(self.rows.ids_full[rows], distances,
+                                        {"matches": found.count, "plan": "tenant_ivf", "tenant": name,
+                                         "lists_probed": xq.shape[0] * min(sp.nprobe, local.nlist)})
             result = self._search_matches(xq, k, sp, found, explain)
         stats = result.stats
         # Collection-wide counts would tell a tenant how many rows the others hold
@@ -491,6 +572,12 @@ class Tenancy:
         for i in np.flatnonzero(~stored).tolist():
             out[i] = self._delta_attrs[int(rows[i]) - self.vectors.rows]
         return out
+
+
+def _uncovered(local: LocalIVF, rows: np.ndarray, live: np.ndarray) -> tuple[LocalIVF, np.ndarray, bool]:
+    """``(local, rows it lacks, whether every row it holds is live)`` for a tenant's rows ``rows``
+    (kept with the row set, which is made again whenever rows are added or die)."""
+    return local, np.setdiff1d(rows, local.rows, assume_unique=True), bool(live[local.rows].all())
 
 
 def _with_holders(attributes: Mapping | None, holders: set[str]) -> dict:

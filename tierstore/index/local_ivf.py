@@ -11,7 +11,9 @@ copy of the vectors: ~0.14 KB a row of 384 dimensions, against 1.5 KB for the ve
 
 Row numbers are fixed when it is built: rows that die later are dropped by the rerank's
 live check, and rows the tenant gains later are searched exactly beside it (the caller
-rebuilds it when they become many).
+rebuilds it when they become many). It serialises to one checked blob
+(:meth:`to_bytes`, :mod:`tierstore.store.blob`), so a cold tenant's index can wait in the
+durable tier instead of memory and come back without training.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from ..errors import CorruptData, NotFound
+from ..store.blob import decode_blob, encode_blob
+
 __all__ = ["LocalIVF"]
+
+_KIND = "tenant-ivf"
 
 
 class LocalIVF:
@@ -28,6 +35,7 @@ class LocalIVF:
     def __init__(self, index: faiss.Index, rows: np.ndarray) -> None:
         self.index = index
         self.rows = rows
+        self._rows_or_none = np.append(rows, -1)  # faiss's -1 padding maps to row -1
         self._params: dict[int, faiss.SearchParametersIVF] = {}
         self.nbytes = int(rows.nbytes) + _index_bytes(index)
 
@@ -51,6 +59,30 @@ class LocalIVF:
         index.add(data)
         return cls(index, np.ascontiguousarray(rows, dtype=np.int64))
 
+    def to_bytes(self, **header) -> bytes:
+        """One checked blob: the faiss index, the row numbers, and ``header`` (JSON values)."""
+        return encode_blob({"kind": _KIND, "format": 1, "rows": int(self.rows.size), **header},
+                           sections={"index": faiss.serialize_index(self.index), "rows": self.rows.astype("<i8")},
+                           align=64)
+
+    @classmethod
+    def from_bytes(cls, data: object, *, source: str | None = None) -> tuple[LocalIVF, dict]:
+        """``(index, header)`` from :meth:`to_bytes`; :class:`CorruptData` when the blob is damaged
+        or is not such an index."""
+        blob = decode_blob(data, source=source)
+        header = blob.header
+        if header.get("kind") != _KIND or header.get("format") != 1:
+            raise CorruptData(f"{source or 'blob'} is not a tenant IVF (kind {header.get('kind')!r})")
+        try:
+            rows = np.frombuffer(blob.section("rows"), "<i8").astype(np.int64)
+            index = faiss.deserialize_index(np.frombuffer(blob.section("index"), np.uint8).copy())
+        except (NotFound, ValueError, RuntimeError) as exc:  # a section missing or cut; faiss cannot parse it
+            raise CorruptData(f"{source or 'blob'}: not a readable tenant IVF ({exc})") from exc
+        if (not isinstance(index, faiss.IndexIVFPQFastScan) or index.ntotal != rows.size
+                or rows.size != header.get("rows") or (rows.size and rows.min() < 0)):
+            raise CorruptData(f"{source or 'blob'}: the index and its {rows.size} row numbers do not agree")
+        return cls(index, rows), header
+
     @property
     def nlist(self) -> int:
         return int(self.index.nlist)
@@ -67,7 +99,7 @@ class LocalIVF:
         local = np.empty((nq, candidates), np.int64)
         self.index.search_c(nq, faiss.swig_ptr(xq), candidates, faiss.swig_ptr(scores), faiss.swig_ptr(local),
                             params)
-        return np.where(local >= 0, self.rows[np.maximum(local, 0)], -1)
+        return self._rows_or_none[local]
 
 
 def _index_bytes(index: faiss.IndexIVF) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgument, InvalidType
@@ -116,18 +115,23 @@ class SearchParams:
 _SEARCH_KEYS = frozenset({"nprobe", "prune_ratio", "rerank"})
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_params(items: tuple) -> SearchParams:
-    return SearchParams(**dict(items))
+_PARAMS_SEEN: dict[tuple, SearchParams] = {}  # checked parameter sets, as passed (at most 256)
 
 
 def search_params(params: dict) -> SearchParams:
     """``SearchParams(**params)``, checked once per distinct set of values (memoised: a search
     passing ``nprobe=32`` costs a dict look-up, not a validation)."""
+    try:
+        key = (*params.items(), *map(type, params.values()))  # the types too: True == 1 == 1.0 as keys
+        seen = _PARAMS_SEEN.get(key)
+    except TypeError:  # an unhashable value: validated below (and rejected)
+        key, seen = None, None
+    if seen is not None:
+        return seen
     unknown = params.keys() - _SEARCH_KEYS
     if unknown:
         raise InvalidArgument(f"unknown search parameter(s) {sorted(unknown)}; use {sorted(_SEARCH_KEYS)}")
-    try:
-        return _cached_params(tuple(sorted(params.items())))
-    except TypeError:  # an unhashable value: validate it uncached (it will be rejected)
-        return SearchParams(**params)
+    checked = SearchParams(**params)
+    if key is not None and len(_PARAMS_SEEN) < 256:
+        _PARAMS_SEEN[key] = checked
+    return checked

@@ -90,18 +90,20 @@ def rerank(xq: np.ndarray, rows: np.ndarray, k: int, *, live: np.ndarray | None,
     return distances, found
 
 
-def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
-               vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors: np.ndarray,
+               shift: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` among the same distinct, live ``rows`` for every query (resident vectors).
 
     The lean form of :func:`rerank` for a filter's or a tenant's few rows: no sort, no
     duplicate or tombstone check, one faiss ``knn_*_by_idx`` call (one query reads
-    ``rows`` in place). Rows past ``len(rows)`` are padded with -1 / inf.
+    ``rows`` in place). Rows past ``len(rows)`` are padded with -1 / inf. ``shift``
+    (inner-product metrics): distances are ``shift - score`` instead of ``-score``
+    (``1 - cosine`` in one pass).
     """
     nq, width = xq.shape[0], rows.size
     if rows.dtype != np.int64 or not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-    idx = rows.reshape(1, width) if nq == 1 else np.ascontiguousarray(np.broadcast_to(rows, (nq, width)))
+    idx = rows if nq == 1 else np.ascontiguousarray(np.broadcast_to(rows, (nq, width)))
     kk = min(k, width)
     if kk == k:  # the usual case: the kernel fills the outputs
         distances, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
@@ -113,30 +115,41 @@ def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
         kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(idx), xq.shape[1], nq,
                vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
         if metric != "l2":
-            np.negative(out_d, out=out_d)
+            if shift is None:
+                np.negative(out_d, out=out_d)
+            else:
+                np.subtract(shift, out_d, out=out_d)
         if kk < k:
             distances[:, :kk], found[:, :kk] = out_d, out_i
     return distances, found
 
 
-def exact_candidates(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str,
-                     vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def exact_candidates(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors: np.ndarray,
+                     shift: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each query's own candidate ``rows`` ``(nq, c)``: distinct, live, the
     -1 padding last (as a faiss IVF search returns them). The lean form of :func:`rerank`
-    (no sort, no duplicate or tombstone pass): one ``knn_*_by_idx`` call."""
+    (no sort, no duplicate or tombstone pass): one ``knn_*_by_idx`` call. ``shift`` as for
+    :func:`exact_rows`."""
     nq, width = rows.shape
-    distances, found = np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
     kk = min(k, width)
+    if kk == k:
+        distances, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
+    else:
+        distances, found = np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
     if kk:
         out_d, out_i = (distances, found) if kk == k else (np.empty((nq, kk), np.float32), np.empty((nq, kk), np.int64))
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
         kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(rows), xq.shape[1], nq,
                vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
-        missing = out_i < 0
         if metric != "l2":
-            np.negative(out_d, out=out_d)
-        out_d[missing] = np.inf
+            if shift is None:
+                np.negative(out_d, out=out_d)
+            else:
+                np.subtract(shift, out_d, out=out_d)
+        missing = out_i < 0
+        if missing.any():
+            out_d[missing] = np.inf
         if kk < k:
             distances[:, :kk], found[:, :kk] = out_d, out_i
     return distances, found
