@@ -141,12 +141,19 @@ def test_build_lays_each_tenant_out_together(setup):
         assert (np.diff(col.rows.row_list[rows]) >= 0).all()  # list by list within the tenant
 
 
-def test_single_query_probe_equals_the_batch_probe(setup):
+@pytest.mark.parametrize("metric", ["l2", "ip", "cosine"])
+def test_single_query_probe_equals_the_batch_probe(tmp_path, metric):
     """probe_filtered's one-query path (numpy) picks the same lists, with the same scores, as the batch path (faiss)."""
-    _, col, x, _ = setup
-    index = col.index
     rng = np.random.default_rng(3)
+    x = rng.standard_normal((3_000, 16)).astype(np.float32)
+    db = tierstore.connect(tmp_path)
+    col = db.create_collection("c", dim=16, metric=metric)
+    col.add(np.arange(3_000), x)
+    col.build_index()
+    index = col.index
     xq = x[rng.choice(3_000, 32, replace=False)]
+    if metric == "cosine":
+        xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
     for share in (0.5, 0.05, 0.005):  # broad, widened, very sparse matches
         matches = (rng.random(index.directory.nlist) < share) * rng.integers(1, 40, index.directory.nlist)
         matches = matches.astype(np.int32)
@@ -159,6 +166,7 @@ def test_single_query_probe_equals_the_batch_probe(setup):
                 assert (batch_lists[i, width:] == -1).all()
                 np.testing.assert_array_equal(lists[0], batch_lists[i, :width])
                 np.testing.assert_allclose(scores[0], batch_scores[i, :width], rtol=1e-4, atol=1e-4)
+    db.close()
 
 
 def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):

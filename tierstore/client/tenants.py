@@ -9,19 +9,24 @@ rows to the others.
 **Index.** One shared clustering (the collection's posting lists, built once for all
 tenants) and, per tenant, a short sorted list of its rows and the count of its rows in
 each list (Curator keeps per-node tenant Bloom filters and short per-tenant lists; with a
-two-level tree the exact per-list counts serve as both). A tenant's search walks only the
-lists that hold its rows, nearest first, until they hold enough of them
-(:meth:`SpannIndex.probe_filtered`), and scores only its rows there: by the code scan, or,
-for a tenant spread thinly over the lists, exactly (its rows in each probed list, as
-Curator scans a tenant's short lists); a tenant of up to ``32 x`` the candidates (2,560
-rows at k=10) is searched exactly. An index build lays each tenant's rows out together
-(by first holder, list by list inside a tenant), so these exact scans stream through
-memory as a dedicated index's would. The
-per-tenant structures come from one inverted index of the hidden ``__tenants`` tag
+two-level tree the exact per-list counts serve as both). By the tenant's size:
+
+* up to ``32 x`` the candidates (2,560 rows at k=10): an exact scan of its rows. An
+  index build lays each tenant's rows out together (by first holder, list by list inside
+  a tenant), so the scan streams through memory as a dedicated flat index's would;
+* larger: its own small IVF (:class:`~tierstore.index.local_ivf.LocalIVF`, Curator's
+  per-tenant sub-tree where the tenant is dense), built on its second search, within a
+  memory budget shared by all tenants (``LOCAL_IVF_BUDGET``);
+* without one (no room, a tiered index): the lists that hold its rows, nearest first,
+  until they hold enough of them (:meth:`SpannIndex.probe_filtered`), scoring only its
+  rows there, by the code scan or exactly.
+
+The per-tenant row sets come from one inverted index of the hidden ``__tenants`` tag
 column (4 bytes a membership), which follows appended rows instead of being rebuilt on
-every write (:class:`_TenantPostings`); they are built on a tenant's first query, kept
-in an LRU, and :meth:`Tenancy.offload_tenants` drops the cold ones (they come back on
-their next query).
+every write (:class:`_TenantPostings`); they are built on a tenant's first query and kept
+in an LRU. :meth:`Tenancy.offload_tenants` offloads the cold tenants: their row sets
+leave memory, and their IVFs wait in the durable tier (the writer stores each one when
+it builds it), to come back on the tenant's next search in about a millisecond.
 
 **Durability.** Memberships are a hidden tag attribute of each row, so every change goes
 through the write-ahead log like any upsert (a grant rewrites the row with its vector and
