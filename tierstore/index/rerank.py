@@ -104,6 +104,23 @@ def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors
     if rows.dtype != np.int64 or not rows.flags.c_contiguous:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
     idx = rows if nq == 1 else np.ascontiguousarray(np.broadcast_to(rows, (nq, width)))
+    return _knn_by_idx(xq, idx, width, k, metric, vectors, shift, padded=False)
+
+
+def exact_candidates(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors: np.ndarray,
+                     shift: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of each query's own candidate ``rows`` ``(nq, c)``: distinct, live, the
+    -1 padding last (as a faiss IVF search returns them). The lean form of :func:`rerank`
+    (no sort, no duplicate or tombstone pass): one ``knn_*_by_idx`` call. ``shift`` as for
+    :func:`exact_rows`."""
+    return _knn_by_idx(xq, np.ascontiguousarray(rows, dtype=np.int64), rows.shape[1], k, metric, vectors, shift,
+                       padded=True)
+
+
+def _knn_by_idx(xq, idx, width, k, metric, vectors, shift, *, padded: bool):
+    """One faiss ``knn_*_by_idx`` call over ``idx`` (``width`` rows a query, C-contiguous int64):
+    ``(distances, rows)`` ``(nq, k)``, -1 / inf padded; ``padded``: ``idx`` may end in -1s."""
+    nq = xq.shape[0]
     kk = min(k, width)
     if kk == k:  # the usual case: the kernel fills the outputs
         distances, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
@@ -119,37 +136,10 @@ def exact_rows(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors
                 np.negative(out_d, out=out_d)
             else:
                 np.subtract(shift, out_d, out=out_d)
-        if kk < k:
-            distances[:, :kk], found[:, :kk] = out_d, out_i
-    return distances, found
-
-
-def exact_candidates(xq: np.ndarray, rows: np.ndarray, k: int, *, metric: str, vectors: np.ndarray,
-                     shift: np.float32 | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of each query's own candidate ``rows`` ``(nq, c)``: distinct, live, the
-    -1 padding last (as a faiss IVF search returns them). The lean form of :func:`rerank`
-    (no sort, no duplicate or tombstone pass): one ``knn_*_by_idx`` call. ``shift`` as for
-    :func:`exact_rows`."""
-    nq, width = rows.shape
-    kk = min(k, width)
-    if kk == k:
-        distances, found = np.empty((nq, k), np.float32), np.empty((nq, k), np.int64)
-    else:
-        distances, found = np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    if kk:
-        out_d, out_i = (distances, found) if kk == k else (np.empty((nq, kk), np.float32), np.empty((nq, kk), np.int64))
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        kernel = faiss.knn_L2sqr_by_idx if metric == "l2" else faiss.knn_inner_products_by_idx
-        kernel(faiss.swig_ptr(xq), faiss.swig_ptr(vectors), faiss.swig_ptr(rows), xq.shape[1], nq,
-               vectors.shape[0], width, kk, faiss.swig_ptr(out_d), faiss.swig_ptr(out_i), width)
-        if metric != "l2":
-            if shift is None:
-                np.negative(out_d, out=out_d)
-            else:
-                np.subtract(shift, out_d, out=out_d)
-        missing = out_i < 0
-        if missing.any():
-            out_d[missing] = np.inf
+        if padded:  # the kernel stops at a row's first -1: the slots it did not fill say -1
+            missing = out_i < 0
+            if missing.any():
+                out_d[missing] = np.inf
         if kk < k:
             distances[:, :kk], found[:, :kk] = out_d, out_i
     return distances, found
