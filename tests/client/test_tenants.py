@@ -249,3 +249,11 @@ def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):
     for _ in range(3):
         assert other.search(xq, k=10).stats["plan"] == "filtered_ivf"
     db.close()
+
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)
+    db = tierstore.connect(tmp_path, flush_rows=1_000_000)
+    col = db.collection("c")
+    col.build_index()  # only a build, no write: still the writer, so it keeps its tenant IVFs in the tier
+    assert [col.tenant("other").search(xq, k=10).stats["plan"] for _ in range(2)] == ["filtered_ivf", "tenant_ivf"]
+    assert len([key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]) == 1
+    db.close()

@@ -54,6 +54,11 @@ class WriterLock:
             raise TierUnavailable(f"cannot lock {self.path!r}: {exc}") from exc
         self._fd, self._pid = fd, os.getpid()
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the lock (taken by a write of this handle)."""
+        return self._fd is not None and self._pid == os.getpid()
+
     def release(self) -> None:
         """Drop the lock (idempotent; a forked child leaves its parent's lock alone)."""
         fd, self._fd = self._fd, None

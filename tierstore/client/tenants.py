@@ -375,8 +375,8 @@ class Tenancy:
     def _save_tenant_ivf(self, name: str, local: LocalIVF) -> None:
         """Keep a freshly built tenant IVF in the durable tier too (by the collection's writer only:
         a reader never writes under the collection). A cache: a failed write only costs a rebuild."""
-        if not self._wrote or self._fenced:
-            return
+        if self._fenced or not (self._wrote or (self._writer_lock is not None and self._writer_lock.held)):
+            return  # not the writer (a build alone takes a local directory's lock; on S3 a write marks it)
         try:
             self.tier.put(self._tenant_ivf_key(name), local.to_bytes(tenant=name, generation=self._gen))
             self._tenant_ivf_stored[name] = self._gen
