@@ -257,3 +257,33 @@ def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):
     assert [col.tenant("other").search(xq, k=10).stats["plan"] for _ in range(2)] == ["filtered_ivf", "tenant_ivf"]
     assert len([key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]) == 1
     db.close()
+
+
+def test_a_tiered_collection_serves_large_tenants_from_their_own_ivf(tmp_path, monkeypatch):
+    """With the vectors in the tier (memory_cache set) an exact scan would read every row of the
+    tenant on every query: above 8 x the candidates a tenant searches its own IVF, whose codes
+    are in memory and whose rerank reads only the candidates."""
+    from tierstore.client import tenants as tenants_module
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)  # 16 dimensions (see above)
+    rng = np.random.default_rng(6)
+    centres = rng.standard_normal((20, 16)).astype(np.float32) * 3
+    x = (centres[rng.integers(0, 20, 3_000)] + rng.standard_normal((3_000, 16))).astype(np.float32)
+    with tierstore.connect(tmp_path) as db:
+        col = db.create_collection("c", dim=16)
+        col.tenant("big").add(np.arange(1_000), x[:1_000])
+        col.tenant("rest").add(np.arange(1_000, 3_000), x[1_000:])
+        col.build_index()
+    with tierstore.connect(tmp_path, memory_cache=64 << 10) as db:
+        col = db.collection("c")
+        assert col.vectors.resident is None  # tiered: vectors read from LMDB by range
+        big = col.tenant("big")
+        xq = x[rng.choice(1_000, 30, replace=False)] + 0.1
+        plans = [big.search(xq, k=10).stats["plan"] for _ in range(2)]
+        res = big.search(xq, k=10)
+        assert plans == ["filtered_ivf", "tenant_ivf"] and res.stats["plan"] == "tenant_ivf"
+        assert ((res.ids >= 0) & (res.ids < 1_000)).all()
+        exact = np.argsort(((x[:1_000][None] - xq[:, None]) ** 2).sum(-1), axis=1)[:, :10]
+        assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(res.ids, exact)]) >= 0.9
+        assert big.search(xq, k=10, filter=None).ids.tolist() == res.ids.tolist()
+        small = big.search(xq[:3], k=1)  # 8 candidates: 64 rows or fewer would be scanned exactly
+        assert small.stats["plan"] == "tenant_ivf" and (small.ids < 1_000).all()

@@ -17,7 +17,7 @@ two-level tree the exact per-list counts serve as both). By the tenant's size:
 * larger: its own small IVF (:class:`~tierstore.index.local_ivf.LocalIVF`, Curator's
   per-tenant sub-tree where the tenant is dense), built on its second search, within a
   memory budget shared by all tenants (``LOCAL_IVF_BUDGET``);
-* without one (no room, a tiered index): the lists that hold its rows, nearest first,
+* without one (no room in the budget): the lists that hold its rows, nearest first,
   until they hold enough of them (:meth:`SpannIndex.probe_filtered`), scoring only its
   rows there, by the code scan or exactly.
 
@@ -72,6 +72,7 @@ LOCAL_IVF_IDLE = 1_000  # large-tenant searches after which an unused IVF may gi
 # recall@10 0.944 / 0.967 at 1x, 0.955 / 0.970 at 2x (dedicated IVFs: 0.962 / 0.976).
 LOCAL_IVF_CANDIDATES = 1.5
 LOCAL_IVF_MIN_ROWS = 2_048  # smaller tenants are scanned exactly (or probe the shared lists, for k=1 or so)
+LOCAL_IVF_MIN_ROWS_TIERED = 256  # with the vectors in the tier, an IVF pays from a few hundred rows
 
 
 def check_tenant_name(name: object) -> str:
@@ -313,8 +314,10 @@ class Tenancy:
         return found
 
     def _tenant_ivf(self, found: _Matches) -> LocalIVF | None:
-        """The large tenant's own IVF (:class:`LocalIVF`), built on its second filtered-IVF search
-        (its vectors resident, the index's lists too); ``None`` when it has none.
+        """The large tenant's own IVF (:class:`LocalIVF`), built on its second filtered-IVF search;
+        ``None`` when it has none. Its codes stay in memory; with the vectors in the tier (a
+        tiered collection) it is built from one read of the tenant's rows and its rerank reads
+        only the candidates, so it pays from ``LOCAL_IVF_MIN_ROWS_TIERED`` rows.
 
         All of them stay within ``LOCAL_IVF_BUDGET`` x the index's list bytes. To make room an
         IVF unused for ``LOCAL_IVF_IDLE`` large-tenant searches is dropped (least recently used
@@ -324,7 +327,7 @@ class Tenancy:
         after an index build (a new generation renumbers the rows).
         """
         name, index, vectors = found.tenant, self.index, self.vectors.resident
-        if vectors is None or index.cache_bytes is not None or found.in_index.size < LOCAL_IVF_MIN_ROWS:
+        if found.in_index.size < (LOCAL_IVF_MIN_ROWS if vectors is not None else LOCAL_IVF_MIN_ROWS_TIERED):
             return None
         self._tenant_clock += 1
         held = self._tenant_ivfs.get(name)
@@ -356,7 +359,8 @@ class Tenancy:
         if local is not None:
             self._tenant_ivf_events["loads"] += 1
         else:
-            local = LocalIVF.build(vectors[found.in_index], found.in_index, metric=self._index_metric,
+            data = vectors[found.in_index] if vectors is not None else self.vectors.read_rows(found.in_index)
+            local = LocalIVF.build(data, found.in_index, metric=self._index_metric,
                                    seed=self._index_params.seed if self._index_params is not None else 0)
             if local is None:
                 found.tenant = None  # no 4-bit PQ layout for this dimension: the shared lists serve it
@@ -412,13 +416,13 @@ class Tenancy:
         exactly; rows dead since it was built drop out in the rerank."""
         rows = local.search(xq, sp.nprobe, int(LOCAL_IVF_CANDIDATES * candidates))
         _, extra, all_live = found.uncovered
-        if not extra.size and all_live:  # the usual case: distinct, live, -1s last
-            return exact_candidates(xq, rows, k, metric=self._index_metric, vectors=self.vectors.resident,
-                                    shift=shift)
+        vectors = self.vectors.resident
+        if not extra.size and all_live and vectors is not None:  # the usual case: distinct, live, -1s last
+            return exact_candidates(xq, rows, k, metric=self._index_metric, vectors=vectors, shift=shift)
         if extra.size:
             rows = np.concatenate([rows, np.broadcast_to(extra, (xq.shape[0], extra.size))], axis=1)
-        distances, rows = rerank(xq, rows, k, live=self.rows.live_full, metric=self._index_metric,
-                                 vectors=self.vectors.resident)
+        distances, rows = rerank(xq, rows, k, live=self.rows.live_full, metric=self._index_metric, vectors=vectors,
+                                 read_vectors=None if vectors is not None else self.vectors.read_rows)
         if shift is not None:
             distances += shift
         return distances, rows
