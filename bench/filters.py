@@ -1,6 +1,6 @@
 """Filtered search: recall@10 against the exact filtered top-10, and QPS, by selectivity.
 
-    python bench/filters.py [--quick] [--json PATH] [--queries N]
+    python bench/filters.py [--quick] [--json PATH] [--queries N] [--rows N]
 
 On manpages-minilm (50,000 MiniLM vectors of man-page paragraphs, cosine), with the real
 ``section`` and ``page`` attributes of ``base_meta.jsonl.gz`` and a synthetic ``bucket``
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 queries instead of 1,000")
     parser.add_argument("--queries", type=int, help="number of queries")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per filter (medians kept)")
+    parser.add_argument("--rows", type=int, help="use only the first ROWS vectors (a smoke run; default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--shared", default=os.environ.get("TIERSTORE_SHARED") or
                         os.path.join(os.path.dirname(_HERE), "..", "shared"))
@@ -149,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss.omp_set_num_threads(1)
     data = load_manpages(os.path.join(args.shared, "data"))
-    x, xq = data.base, data.queries[: args.queries or (200 if args.quick else 1000)]
-    meta = load_meta(args.shared)
+    x, xq = data.base[:args.rows] if args.rows else data.base, data.queries[: args.queries or (200 if args.quick else 1000)]
+    meta = load_meta(args.shared)[:x.shape[0]]
     ids = np.arange(x.shape[0])
     buckets = bucket_of(ids)
     attrs = [{"section": m["section"], "page": m["page"], "bucket": int(b)} for m, b in zip(meta, buckets)]
