@@ -110,9 +110,12 @@ def check_search(col, model: Model, name: str, xq: np.ndarray, k: int, plans: di
     return len(xq)
 
 
-def test_randomized_isolation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["ivf-inline", "ivf-background"])
+def test_randomized_isolation(tmp_path, monkeypatch, background):
     from tierstore.client import tenants as tenants_module
     monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)  # 16 dimensions: room for t000's own IVF
+    # Tenant IVFs trained inside the search that asks (deterministic) or on the background thread.
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BACKGROUND", background)
     rng = np.random.default_rng(7)
     centres = rng.standard_normal((48, DIM)).astype(np.float32) * 3
     n_tenants, n_rows = 160, 12_000

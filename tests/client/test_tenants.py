@@ -176,6 +176,7 @@ def test_a_large_tenant_gets_its_own_ivf(tmp_path, monkeypatch):
     from tierstore.client import tenants as tenants_module
     # 16 dimensions: ids outweigh codes, so an IVF is large next to the shared lists (0.2x at 384)
     monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BACKGROUND", False)  # built inside the second search
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((20, 16)).astype(np.float32) * 3
     x = (centres[rng.integers(0, 20, 4_000)] + rng.standard_normal((4_000, 16))).astype(np.float32)
@@ -265,6 +266,7 @@ def test_a_tiered_collection_serves_large_tenants_from_their_own_ivf(tmp_path, m
     are in memory and whose rerank reads only the candidates."""
     from tierstore.client import tenants as tenants_module
     monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)  # 16 dimensions (see above)
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BACKGROUND", False)
     rng = np.random.default_rng(6)
     centres = rng.standard_normal((20, 16)).astype(np.float32) * 3
     x = (centres[rng.integers(0, 20, 3_000)] + rng.standard_normal((3_000, 16))).astype(np.float32)
@@ -287,3 +289,42 @@ def test_a_tiered_collection_serves_large_tenants_from_their_own_ivf(tmp_path, m
         assert big.search(xq, k=10, filter=None).ids.tolist() == res.ids.tolist()
         small = big.search(xq[:3], k=1)  # 8 candidates: 64 rows or fewer would be scanned exactly
         assert small.stats["plan"] == "tenant_ivf" and (small.ids < 1_000).all()
+
+
+def test_tenant_ivfs_train_in_the_background(tmp_path, monkeypatch):
+    """By default the second search only starts the training: the shared lists answer until it
+    is done, and the first search after it uses the IVF. Closing waits for a running build."""
+    from tierstore.client import tenants as tenants_module
+    monkeypatch.setattr(tenants_module, "LOCAL_IVF_BUDGET", 1.0)  # 16 dimensions (see above)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4_000, 16)).astype(np.float32)
+    db = tierstore.connect(tmp_path)
+    col = db.create_collection("c", dim=16)
+    col.tenant("huge").add(np.arange(3_000), x[:3_000])
+    col.tenant("other").add(np.arange(3_000, 4_000), x[3_000:])
+    col.build_index()
+    huge, xq = col.tenant("huge"), x[:20] + 0.05
+    first, second = huge.search(xq, k=10), huge.search(xq, k=10)  # the second one starts the build
+    assert first.stats["plan"] == second.stats["plan"] == "filtered_ivf"
+    _, _, future = col._tenant_ivf_pending["huge"]
+    assert future.result(timeout=60) is not None
+    res = huge.search(xq, k=10)
+    assert res.stats["plan"] == "tenant_ivf" and ((res.ids >= 0) & (res.ids < 3_000)).all()
+    assert res.ids[:, 0].tolist() == list(range(20))  # each query's own vector, nearest
+    stats = col.tenant_stats()
+    assert stats["tenant_ivfs"] == 1 and stats["tenant_ivf_builds"] == 1
+    assert [key for key in col.tier.list("collections/c/") if "/tenant-ivf/" in key]  # the writer kept it
+    col.offload_tenants(keep=0)
+    huge.search(xq, k=10)
+    col.tenant("other").add([9_000], x[:1])  # rows change: its row set is made again, the IVF stays
+    assert huge.search(xq, k=10).stats["plan"] == "tenant_ivf"
+    monkeypatch.setattr(tenants_module.LocalIVF, "build", classmethod(lambda *a, **kw: __import__("time").sleep(0.3)))
+    col.drop_tenant("huge")
+    col.tenant("huge").add(np.arange(10_000, 13_000), x[:3_000] + 1.0)
+    col.build_index()
+    big = col.tenant("huge")
+    big.search(xq, k=10)
+    big.search(xq, k=10)  # starts a (slow) build
+    assert "huge" in col._tenant_ivf_pending
+    db.close()  # waits for it, then is closed
+    assert col._tenant_ivf_pool is None and not col._tenant_ivf_pending

@@ -169,6 +169,8 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
         self._tenant_clock = 0  # searches of large tenants (the IVFs' LRU clock)
         self._tenant_ivf_stored: dict[str, int] = {}  # tenants whose IVF is in the durable tier -> generation
         self._tenant_ivf_events = {"builds": 0, "loads": 0}  # tenant IVFs trained here / read from the tier
+        self._tenant_ivf_pending: dict[str, tuple] = {}  # name -> (generation, bytes estimate, future)
+        self._tenant_ivf_pool = None  # one background thread training tenant IVFs, made on first use
         self._tenant_postings = None
         self._match_cache_epoch = None
         self._reset_delta()
@@ -208,6 +210,7 @@ class Collection(Checkpoints, FilteredSearch, Tenancy):
                 return
             if self._pending() and self._writes_here():
                 self.flush()
+            self._stop_tenant_ivf_builds()
             self._closed = True
             self.index = None
             if self._writer_lock is not None:

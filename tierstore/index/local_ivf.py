@@ -21,7 +21,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from ..errors import CorruptData, NotFound
+from ..errors import CorruptData, InvalidArgument, NotFound
 from ..store.blob import decode_blob, encode_blob
 
 __all__ = ["LocalIVF"]
@@ -39,14 +39,20 @@ class LocalIVF:
         self._params: dict[int, faiss.SearchParametersIVF] = {}
         self.nbytes = int(rows.nbytes) + _index_bytes(index)
 
+    @staticmethod
+    def supports(dim: int) -> bool:
+        """Whether vectors of ``dim`` dimensions have a 4-bit PQ layout (an even ``dim``)."""
+        return dim % 2 == 0
+
     @classmethod
-    def build(cls, vectors: np.ndarray, rows: np.ndarray, *, metric: str, seed: int = 0) -> LocalIVF | None:
+    def build(cls, vectors: np.ndarray, rows: np.ndarray, *, metric: str, seed: int = 0) -> LocalIVF:
         """Train and fill an index over ``vectors`` (the vectors of sorted ``rows``, normalised
-        for cosine), or ``None`` when the dimension has no 4-bit PQ layout (odd)."""
+        for cosine; faiss releases the GIL while it trains). :class:`InvalidArgument` for an
+        odd dimension (no 4-bit PQ layout, see :meth:`supports`)."""
         n, d = vectors.shape
-        m = d // 4 if d % 4 == 0 else d // 2 if d % 2 == 0 else 0
-        if not m:
-            return None
+        if not cls.supports(d):
+            raise InvalidArgument(f"a tenant IVF needs an even dimension, got {d}")
+        m = d // 4 if d % 4 == 0 else d // 2
         fm = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
         index = faiss.IndexIVFPQFastScan(quantizer, d, max(1, int(round(n ** 0.5))), m, 4, fm)
