@@ -195,16 +195,21 @@ class FilteredSearch:
     def _search_filtered(self, xq: np.ndarray, k: int, sp, filter_spec: Any, explain: bool) -> SearchResult:
         return self._search_matches(xq, k, sp, self._matches(filter_spec), explain)
 
-    def _search_matches(self, xq: np.ndarray, k: int, sp, found: _Matches, explain: bool) -> SearchResult:
-        """The top ``k`` among ``found``'s rows: the exact plan or the widened filtered IVF."""
+    def _exact_limit(self, found: _Matches, candidates: int) -> int:
+        """The most matching rows the exact plan scans (more take an IVF plan)."""
+        if found.compactable:
+            return max(EXACT_MIN, 8 * candidates)
+        if self.vectors.resident is None:  # a tiered collection: an exact scan reads every row's vector
+            return TIERED_TENANT_EXACT_FACTOR * candidates
+        return max(EXACT_MIN, TENANT_EXACT_FACTOR * candidates)
+
+    def _search_matches(self, xq: np.ndarray, k: int, sp, found: _Matches, explain: bool, *,
+                        tenant_ivf: bool = True) -> SearchResult:
+        """The top ``k`` among ``found``'s rows: the exact plan or the widened filtered IVF
+        (or a tenant's own IVF; ``tenant_ivf=False`` when the caller already asked for it)."""
         matches = found.count
         candidates = k * max(sp.rerank, MIN_RERANK)
-        if found.compactable:
-            exact_limit = max(EXACT_MIN, 8 * candidates)
-        elif self.vectors.resident is None:  # a tiered collection: an exact scan reads every row's vector
-            exact_limit = TIERED_TENANT_EXACT_FACTOR * candidates
-        else:
-            exact_limit = max(EXACT_MIN, TENANT_EXACT_FACTOR * candidates)
+        exact_limit = self._exact_limit(found, candidates)
         stats: dict[str, Any] = {"matches": matches, "selectivity": found.selectivity, "plan": "exact"}
         parts = []
         if found.in_index.size:
@@ -215,7 +220,7 @@ class FilteredSearch:
                 else:
                     parts.append(self._rerank(xq, np.broadcast_to(rows, (xq.shape[0], rows.size)).copy(), k))
             else:
-                local = self._tenant_ivf(found) if found.tenant is not None else None
+                local = self._tenant_ivf(found) if tenant_ivf and found.tenant is not None else None
                 if local is not None:
                     stats["plan"] = "tenant_ivf"
                     stats["lists_probed"] = xq.shape[0] * min(sp.nprobe, local.nlist)

@@ -56,7 +56,7 @@ from ..errors import AlreadyExists, CorruptData, InvalidArgument, InvalidType, N
 from ..index.filters import parse_filter
 from ..index.local_ivf import LocalIVF
 from ..index.rerank import exact_candidates, exact_rows, rerank
-from ._filtered import EXACT_MIN, MIN_RERANK, TENANT_EXACT_FACTOR, TENANTS, _filter_key, _Matches
+from ._filtered import EXACT_MIN, MIN_RERANK, TENANTS, _filter_key, _Matches
 from .results import SearchResult
 
 __all__ = ["TenantHandle", "Tenancy", "check_tenant_name"]
@@ -334,7 +334,7 @@ class Tenancy:
         Rebuilt when the rows it lacks (added since) reach a quarter of those it holds, and
         after an index build (a new generation renumbers the rows).
         """
-        name, index, vectors = found.tenant, self.index, self.vectors.resident
+        name, vectors = found.tenant, self.vectors.resident
         if found.in_index.size < (LOCAL_IVF_MIN_ROWS if vectors is not None else LOCAL_IVF_MIN_ROWS_TIERED):
             return None
         self._tenant_clock += 1
@@ -362,16 +362,9 @@ class Tenancy:
         stored = held is None and self._tenant_ivf_stored.get(name) == self._gen
         if found.searches < 1 and not stored:  # a tenant searched once is not worth an index yet
             return None
-        budget = LOCAL_IVF_BUDGET * index.directory.total_bytes()
         n = found.in_index.size
         estimate = n * (self.dim // 4 + 8) + int(n ** 0.5 + 1) * self.dim * 4  # codes and ids; centroids
-        used = sum(entry[1].nbytes for entry in self._tenant_ivfs.values()) + sum(
-            entry[1] for entry in self._tenant_ivf_pending.values())
-        idle = [other for other, entry in self._tenant_ivfs.items()  # least recently used first
-                if self._tenant_clock - entry[2] > LOCAL_IVF_IDLE or entry[0] != self._gen]
-        while idle and used + estimate > budget:
-            used -= self._tenant_ivfs.pop(idle.pop(0))[1].nbytes
-        if used + estimate > budget:
+        if not self._room_for_tenant_ivf(estimate):
             return None  # no room now: the shared lists serve it
         local = self._load_tenant_ivf(name, found) if held is None and not found.ivf_looked else None
         found.ivf_looked = True  # one look in the tier per row set: a miss is not asked again
@@ -392,6 +385,18 @@ class Tenancy:
             return None
         self._tenant_ivf_events["builds"] += 1
         return self._install_tenant_ivf(name, found, build(), save=True)
+
+    def _room_for_tenant_ivf(self, estimate: int) -> bool:
+        """Whether an IVF of ``estimate`` bytes fits the budget, after dropping idle IVFs (or ones
+        of an older generation), least recently used first, as far as that is needed."""
+        budget = LOCAL_IVF_BUDGET * self.index.directory.total_bytes()
+        used = sum(entry[1].nbytes for entry in self._tenant_ivfs.values()) + sum(
+            entry[1] for entry in self._tenant_ivf_pending.values())
+        idle = [other for other, entry in self._tenant_ivfs.items()
+                if self._tenant_clock - entry[2] > LOCAL_IVF_IDLE or entry[0] != self._gen]
+        while idle and used + estimate > budget:
+            used -= self._tenant_ivfs.pop(idle.pop(0))[1].nbytes
+        return used + estimate <= budget
 
     def _install_tenant_ivf(self, name: str, found: _Matches, local: LocalIVF, *, save: bool) -> LocalIVF:
         """Keep ``local`` as ``name``'s IVF (and, built here, in the durable tier)."""
@@ -481,14 +486,17 @@ class Tenancy:
                     return SearchResult(self.rows.ids_full[rows], distances,
                                         {"matches": found.count, "plan": "exact", "tenant": name})
                 candidates = k * max(sp.rerank, MIN_RERANK)
-                local = (self._tenant_ivf(found) if found.tenant is not None and self.index is not None
-                         and found.count > max(EXACT_MIN, TENANT_EXACT_FACTOR * candidates) else None)
+                asked = (found.tenant is not None and self.index is not None
+                         and found.count > self._exact_limit(found, candidates))
+                local = self._tenant_ivf(found) if asked else None
                 if local is not None:  # a large tenant with its own IVF
                     distances, rows = self._tenant_ivf_search(xq, k, sp, found, local, candidates, shift)
                     return SearchResult(self.rows.ids_full[rows], distances,
                                         {"matches": found.count, "plan": "tenant_ivf", "tenant": name,
                                          "lists_probed": xq.shape[0] * min(sp.nprobe, local.nlist)})
-            result = self._search_matches(xq, k, sp, found, explain)
+                result = self._search_matches(xq, k, sp, found, explain, tenant_ivf=not asked)
+            else:
+                result = self._search_matches(xq, k, sp, found, explain)
         stats = result.stats
         # Collection-wide counts would tell a tenant how many rows the others hold
         # (matches / selectivity = every live row): report the tenant's own instead.

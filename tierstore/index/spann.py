@@ -361,7 +361,8 @@ class SpannIndex(ListUpdates):
             order = np.argsort(scores)
         else:
             order = np.argsort(-scores)
-        lists, counts = active[order], matches[active[order]]
+        lists = active[order]
+        counts = matches[lists]
         need = max(min(int(np.searchsorted(counts.cumsum(), target)) + 1, lists.size), min(nprobe, lists.size))
         lists, counts = lists[:need], counts[:need]
         return scores[order[:need]][None, :], np.where(counts > 0, lists, -1)[None, :]
